@@ -95,3 +95,11 @@ def test_weights_of_the_wrong_shape(tmp_path):
 
 def test_unknown_command(tmp_path):
     assert_user_error(rtl("fly", cwd=tmp_path), "unknown command 'fly'")
+
+
+def test_unwritable_output_folder(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    proc = rtl("train", *TINY, f"hydra.run.dir={blocker / 'run'}", cwd=tmp_path)
+    assert_user_error(proc, "cannot write", "hydra.run.dir")
+    assert blocker.read_text() == "not a folder"

@@ -90,3 +90,42 @@ def test_fraction_is_stratified_and_independent_of_the_training_seed(tiny_cfg):
 def test_learns_above_chance(tmp_path, tiny_cfg):
     row = run(tiny_cfg("train.epochs=6", "data.num_samples=600", "data.image_size=48", "model.cut=2"), tmp_path)
     assert row["test_auroc"] > 0.6 and not math.isnan(row["test_auprc"])
+
+
+def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_cfg,
+                                                                                        monkeypatch):
+    import rethink_tl.train as train_module
+    from rethink_tl.errors import UserError
+
+    run(tiny_cfg("train.epochs=2"), tmp_path)
+    before = checkpoint.load(tmp_path / "last.pt")
+    (tmp_path / "results.csv").unlink()
+
+    real = train_module.masked_bce
+    calls = {"n": 0}
+
+    def poisoned(pos_weight):
+        fn = real(pos_weight)
+
+        def loss(logits, y, m):
+            calls["n"] += 1
+            value = fn(logits, y, m)
+            return value * float("nan") if calls["n"] == 2 else value
+
+        return loss
+
+    monkeypatch.setattr(train_module, "masked_bce", poisoned)
+    with pytest.raises(UserError, match=r"NaN or infinite at epoch 3, step 2.*last.pt still holds"):
+        run(tiny_cfg("train.epochs=3"), tmp_path)
+    after = checkpoint.load(tmp_path / "last.pt")
+    assert after["progress"]["epoch"] == 3 and after["progress"]["step"] == 0
+    for key, value in before["model"].items():
+        assert torch.equal(after["model"][key], value)
+    assert len(pd.read_csv(tmp_path / "metrics.csv")) == 2
+
+
+def test_force_starts_over(tmp_path, tiny_cfg):
+    first = run(tiny_cfg("train.epochs=1"), tmp_path)
+    again = run(tiny_cfg("train.epochs=2", "train.force=true"), tmp_path)
+    assert again["epochs_run"] == 2 and first["epochs_run"] == 1
+    assert list(pd.read_csv(tmp_path / "metrics.csv").epoch) == [1, 2]

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from .errors import UserError
+from .preempt import Interrupted
 
 USAGE = __doc__.split("\n\n")[1]
 
@@ -35,6 +38,9 @@ def _train(cfg: DictConfig) -> float:
     out_dir = HydraConfig.get().runtime.output_dir
     try:
         row = run(cfg, out_dir)
+    except Interrupted as err:
+        print(f"rtl: {err}", file=sys.stderr)
+        sys.exit(128 + err.signum)  # the shell convention for "ended by signal N"
     except UserError as err:
         _fail(str(err))
     return float(row["test_auprc"])
@@ -64,7 +70,16 @@ def main(argv: list[str] | None = None) -> None:
     logging.captureWarnings(True)
     if command == "train":
         sys.argv = ["rtl-train", *rest]  # Hydra reads its overrides from sys.argv
-        _train()
+        # Let Hydra's own errors reach us, so they end as one message rather than a partial traceback.
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        try:
+            _train()
+        except HydraException as err:
+            _fail(str(err).strip())
+        except OSError as err:
+            where = f" {err.filename}" if err.filename else ""
+            _fail(f"cannot write{where}: {err.strerror or err}; choose a writable output folder with "
+                  "hydra.run.dir=... (or hydra.sweep.dir=... for -m)")
     elif command == "report":
         _report(rest)
     else:

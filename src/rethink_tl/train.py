@@ -29,6 +29,7 @@ from . import __version__, checkpoint
 from .data import Split, build_data, dataset_labels
 from .errors import UserError
 from .metrics import Scores, score
+from .preempt import GracefulStop, Interrupted
 from .models import build_model, check_image_size
 from .weights import apply_init
 
@@ -88,15 +89,52 @@ class Batcher:
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def train_one_epoch(model, split: Split, batcher: Batcher, optimizer, loss_fn, batch_size: int,
-                    gen: torch.Generator, progress: bool, desc: str) -> tuple[float, int]:
-    """One pass over the training split in a seeded random order; returns (mean loss, images seen)."""
+@dataclass
+class EpochProgress:
+    """Where a training epoch stands, so that one cut short by a signal can continue exactly."""
+
+    epoch: int
+    step: int = 0  # batches done
+    loss_sum: float = 0.0
+    seen: int = 0
+    gen_state: torch.Tensor | None = None  # the epoch generator after `step` batches
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step": self.step, "loss_sum": self.loss_sum, "seen": self.seen,
+                "gen_state": self.gen_state}
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    # Data order and augmentation depend only on (seed, epoch), never on what ran before.
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def train_one_epoch(model, split: Split, batcher: Batcher, optimizer, loss_fn, batch_size: int, seed: int,
+                    progress: EpochProgress, stop=None, show_bar: bool = False) -> bool:
+    """Train over the split in the epoch's seeded order from ``progress.step`` on.
+
+    Updates ``progress`` in place and returns True when the epoch is complete, False when
+    ``stop.requested`` cut it short (after a whole step: the state is consistent).
+    """
     model.train()
+    gen = epoch_generator(seed, progress.epoch)
     order = torch.randperm(len(split), generator=gen)
-    total, seen = torch.zeros((), device=batcher.device), 0
-    bar = tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=not progress)
+    if progress.gen_state is not None:
+        gen.set_state(progress.gen_state)
+    starts = range(progress.step * batch_size, len(order), batch_size)
+    total = torch.tensor(progress.loss_sum, dtype=torch.float64, device=batcher.device)
+    first_bad = torch.tensor(-1, device=batcher.device)
+    bar = tqdm(starts, desc=f"epoch {progress.epoch}", leave=False, disable=not show_bar)
+    step = progress.step
     for start in bar:
+        if stop is not None and stop.requested:
+            break
         idx = order[start:start + batch_size]
+        step += 1
         if len(idx) < 2 and len(order) > 1:
             continue  # BatchNorm cannot train on a single image
         x = batcher(split.images[idx], gen)
@@ -107,13 +145,18 @@ def train_one_epoch(model, split: Split, batcher: Batcher, optimizer, loss_fn, b
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.detach() * len(idx)  # stays on the device: no sync per step
-        seen += len(idx)
-    mean_loss = float(total) / max(seen, 1)
-    if not math.isfinite(mean_loss):
-        raise UserError(f"training loss became {mean_loss} ({desc}): lower train.lr or check the data; "
-                        "the last good checkpoint is last.pt")
-    return mean_loss, seen
+        # Kept on the device: checking each loss on the host would be a sync point per step.
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+        total += loss.detach().double() * len(idx)
+        progress.seen += len(idx)
+    bad = int(first_bad)
+    if bad >= 0:
+        raise NonFiniteLoss(f"the training loss became NaN or infinite at epoch {progress.epoch}, step {bad}: "
+                            "lower train.lr or check the data; last.pt still holds the last good epoch")
+    progress.step = step
+    progress.loss_sum = float(total)
+    progress.gen_state = gen.get_state()
+    return step * batch_size >= len(order)
 
 
 @torch.inference_mode()
@@ -129,6 +172,38 @@ def predict(model, split: Split, batcher: Batcher, batch_size: int) -> np.ndarra
 def evaluate(model, split: Split, batcher: Batcher, batch_size: int, labels: list[str], name: str) -> Scores:
     probs = predict(model, split, batcher, batch_size)
     return score(split.labels.numpy(), probs, labels, mask=split.mask.numpy(), split=name)
+
+
+def _should_stop(tc, stale: int, optimizer, history) -> bool:
+    """The optional early stops (both off by default)."""
+    if not history:
+        return False
+    if tc.get("early_stop", 0) and stale >= int(tc.early_stop):
+        log.info("no better validation AUPRC for %d epochs: stopping early", stale)
+        return True
+    if tc.get("min_lr", 0) and optimizer.param_groups[0]["lr"] < float(tc.min_lr):
+        log.info("learning rate fell below train.min_lr=%g: stopping", float(tc.min_lr))
+        return True
+    return False
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global generator, in a form torch.load(weights_only=True) accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def make_optimizer(model: torch.nn.Module, tc) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.ReduceLROnPlateau]:
@@ -173,7 +248,11 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.csv"
     tc = cfg.train
-    if results_path.exists() and not tc.get("force", False):
+    if tc.get("force", False):
+        # Start over: a finished or interrupted earlier attempt must not leak into this one.
+        for name in ("results.csv", "metrics.csv", "last.pt", "best.pt"):
+            (out / name).unlink(missing_ok=True)
+    elif results_path.exists():
         log.info("%s exists: run already finished, skipping (train.force=true runs it again)", results_path)
         return pd.read_csv(results_path).iloc[0].to_dict()
 
@@ -214,68 +293,83 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"train.pos_weight must be null or 'balanced', got {tc.pos_weight}")
     loss_fn = masked_bce(pos_weight)
 
+    for stale_tmp in out.glob(".*.tmp"):  # left by a process killed in the middle of an atomic write
+        stale_tmp.unlink()
     OmegaConf.save(cfg, out / "config.yaml")
     history: list[dict[str, Any]] = []
-    best, best_epoch, start_epoch, train_seconds, images_seen = -math.inf, 0, 1, 0.0, 0
+    best, best_epoch, train_seconds = -math.inf, 0, 0.0
+    progress = EpochProgress(epoch=1)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     last_path, best_path = out / "last.pt", out / "best.pt"
     if last_path.exists():
         state = checkpoint.load(last_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        best, best_epoch, start_epoch = state["best"], state["best_epoch"], state["epoch"] + 1
-        train_seconds, images_seen = state["train_seconds"], state["images_seen"]
+        restore_rng(state["rng"])
+        best, best_epoch, train_seconds = state["best"], state["best_epoch"], state["train_seconds"]
         history = state["history"]
-        log.info("resuming from %s after epoch %d (best val AUPRC %.4f at epoch %d)",
-                 last_path, state["epoch"], best, best_epoch)
+        progress = EpochProgress(**state["progress"])
+        started = state.get("started", started)
+        log.info("resuming from %s at epoch %d step %d (best val AUPRC %.4f at epoch %d)",
+                 last_path, progress.epoch, progress.step, best, best_epoch)
 
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    def save_last() -> None:
+        checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "best": best, "best_epoch": best_epoch,
+                         "train_seconds": train_seconds, "history": history, "progress": progress.state_dict(),
+                         "rng": rng_state(), "started": started}, last_path)
+
     epochs = int(tc.epochs)
     stale = sum(1 for row in history if row["epoch"] > best_epoch)
-    progress = bool(tc.get("progress", True))
-    bar = tqdm(range(start_epoch, epochs + 1), desc=f"{info.name}/{init.strategy}", disable=not progress,
-               initial=start_epoch - 1, total=epochs)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        # Per-epoch generator: data order and augmentation depend only on (seed, epoch).
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        train_loss, seen = train_one_epoch(model, data.train, train_batcher, optimizer, loss_fn, int(tc.batch_size),
-                                           gen, progress, f"epoch {epoch}")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        epoch_train_seconds = time.perf_counter() - t0
-        val = evaluate(model, data.val, eval_batcher, int(tc.eval_batch_size), labels, "val")
-        val_auprc = val.macro["auprc"]
-        if not math.isnan(val_auprc):
-            scheduler.step(val_auprc)
-        improved = not math.isnan(val_auprc) and val_auprc > best
-        if improved:
-            best, best_epoch, stale = val_auprc, epoch, 0
-            checkpoint.save({"model": model.state_dict(), "epoch": epoch, "val_auprc": val_auprc}, best_path)
-        else:
-            stale += 1
-        train_seconds += epoch_train_seconds
-        images_seen += seen
-        history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss, **val.flat("val"),
-                        "seconds": time.perf_counter() - t0})
-        checkpoint.write_csv(pd.DataFrame(history), out / "metrics.csv")
-        checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best,
-                         "best_epoch": best_epoch, "train_seconds": train_seconds, "images_seen": images_seen,
-                         "history": history, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},
-                        last_path)
-        bar.set_postfix(loss=f"{train_loss:.4f}", val_auprc=f"{val_auprc:.4f}", best=best_epoch)
-        log.info("epoch %d lr %.2e loss %.4f val AUROC %.4f AUPRC %.4f%s", epoch, lr, train_loss,
-                 val.macro["auroc"], val_auprc, " *" if improved else "")
-        if tc.get("early_stop", 0) and stale >= int(tc.early_stop):
-            log.info("no better validation AUPRC for %d epochs: stopping early", stale)
-            break
-        if tc.get("min_lr", 0) and optimizer.param_groups[0]["lr"] < float(tc.min_lr):
-            log.info("learning rate fell below train.min_lr=%g: stopping", float(tc.min_lr))
-            break
+    show = bool(tc.get("progress", True))
+    bar = tqdm(total=epochs, initial=progress.epoch - 1, desc=f"{info.name}/{init.strategy}", disable=not show)
+    with GracefulStop() as stop:
+        while progress.epoch <= epochs and not _should_stop(tc, stale, optimizer, history):
+            epoch = progress.epoch
+            t0 = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            done = train_one_epoch(model, data.train, train_batcher, optimizer, loss_fn, int(tc.batch_size), seed,
+                                   progress, stop, show)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            train_seconds += time.perf_counter() - t0
+            if not done:
+                save_last()
+                message = (f"stopped by {stop.name()} at epoch {epoch}, step {progress.step}; state saved to "
+                           f"{last_path}: run the same command again to resume")
+                log.warning(message)
+                if stop.hand_on():
+                    continue  # an earlier handler (e.g. submitit's TERM bypass) wants the run to go on
+                raise Interrupted(stop.signum, message)
+            val = evaluate(model, data.val, eval_batcher, int(tc.eval_batch_size), labels, "val")
+            val_auprc = val.macro["auprc"]
+            if not math.isnan(val_auprc):
+                scheduler.step(val_auprc)
+            improved = not math.isnan(val_auprc) and val_auprc > best
+            if improved:
+                best, best_epoch, stale = val_auprc, epoch, 0
+                checkpoint.save({"model": model.state_dict(), "epoch": epoch, "val_auprc": val_auprc}, best_path)
+            else:
+                stale += 1
+            history.append({"epoch": epoch, "lr": lr, "train_loss": progress.loss_sum / max(progress.seen, 1),
+                            **val.flat("val"), "seconds": round(time.perf_counter() - t0, 3),
+                            "images_seen": progress.seen})
+            progress = EpochProgress(epoch=epoch + 1)
+            # last.pt first: metrics.csv is rewritten from its history, so the two never disagree for long.
+            save_last()
+            checkpoint.write_csv(pd.DataFrame(history), out / "metrics.csv")
+            bar.update(1)
+            bar.set_postfix(loss=f"{history[-1]['train_loss']:.4f}", val_auprc=f"{val_auprc:.4f}", best=best_epoch)
+            log.info("epoch %d lr %.2e loss %.4f val AUROC %.4f AUPRC %.4f%s", epoch, lr, history[-1]["train_loss"],
+                     val.macro["auroc"], val_auprc, " *" if improved else "")
+            if stop.requested:  # arrived during evaluation: the epoch is saved, nothing to redo
+                message = f"stopped by {stop.name()} after epoch {epoch}; run the same command again to resume"
+                log.warning(message)
+                if not stop.hand_on():
+                    raise Interrupted(stop.signum, message)
+    bar.close()
+    images_seen = sum(row["images_seen"] for row in history)
 
     if not best_path.exists():
         raise UserError("no epoch gave a defined validation AUPRC (does every label have positives and negatives "
