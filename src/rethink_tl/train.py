@@ -53,6 +53,37 @@ def pick_device(name: str) -> torch.device:
 
 
 @dataclass
+class Precision:
+    """Mixed precision for one device: autocast dtype (None = fp32) and, for fp16, a grad scaler."""
+
+    dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+
+def resolve_precision(amp: str, device: torch.device) -> Precision:
+    """``train.amp``: auto (bf16 where the GPU supports it, else fp16; fp32 on CPU), bf16, fp16 or off."""
+    amp = str(amp).lower()
+    if amp not in ("auto", "bf16", "fp16", "off"):
+        raise UserError(f"train.amp must be auto, bf16, fp16 or off, got {amp}")
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return Precision()
+    if amp == "auto":
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise UserError("train.amp=fp16 needs a CUDA device; use train.amp=bf16 or off on CPU")
+        return Precision(torch.float16, torch.amp.GradScaler("cuda"))
+    return Precision(torch.bfloat16)
+
+
+@dataclass
 class Batcher:
     """Turns uint8 images into normalised float batches on the device, with optional augmentation.
 
@@ -67,8 +98,15 @@ class Batcher:
     rotate_degrees: float = 0.0
     scale_jitter: float = 0.0
 
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda" and t.device.type == "cpu":
+            # Page-locked memory lets the copy run asynchronously alongside the previous step.
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
     def __call__(self, images: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-        x = images.to(self.device, non_blocking=True).float().div_(255.0)
+        # uint8 crosses the bus (4x less than float32); the float conversion happens on the device.
+        x = self.to_device(images).float().div_(255.0)
         if gen is not None and (self.rotate_degrees > 0 or self.scale_jitter > 0):
             x = self._augment(x, gen)
         if x.shape[1] == 1:  # grayscale X-rays are replicated to the 3 channels the networks expect
@@ -114,12 +152,14 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def train_one_epoch(model, split: Split, batcher: Batcher, optimizer, loss_fn, batch_size: int, seed: int,
-                    progress: EpochProgress, stop=None, show_bar: bool = False) -> bool:
+                    progress: EpochProgress, stop=None, show_bar: bool = False,
+                    precision: Precision | None = None) -> bool:
     """Train over the split in the epoch's seeded order from ``progress.step`` on.
 
     Updates ``progress`` in place and returns True when the epoch is complete, False when
     ``stop.requested`` cut it short (after a whole step: the state is consistent).
     """
+    precision = precision or Precision()
     model.train()
     gen = epoch_generator(seed, progress.epoch)
     order = torch.randperm(len(split), generator=gen)
@@ -138,13 +178,19 @@ def train_one_epoch(model, split: Split, batcher: Batcher, optimizer, loss_fn, b
         if len(idx) < 2 and len(order) > 1:
             continue  # BatchNorm cannot train on a single image
         x = batcher(split.images[idx], gen)
-        y = split.labels[idx].to(batcher.device, non_blocking=True)
-        m = split.mask[idx].to(batcher.device, non_blocking=True)
-        logits = model(x)
+        y = batcher.to_device(split.labels[idx])
+        m = batcher.to_device(split.mask[idx])
+        with precision.autocast(batcher.device):
+            logits = model(x)
         loss = loss_fn(logits.float(), y, m)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if precision.scaler is not None:
+            precision.scaler.scale(loss).backward()
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         # Kept on the device: checking each loss on the host would be a sync point per step.
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
         total += loss.detach().double() * len(idx)
@@ -160,18 +206,76 @@ def train_one_epoch(model, split: Split, batcher: Batcher, optimizer, loss_fn, b
 
 
 @torch.inference_mode()
-def predict(model, split: Split, batcher: Batcher, batch_size: int) -> np.ndarray:
+def predict(model, split: Split, batcher: Batcher, batch_size: int, precision: Precision | None = None) -> np.ndarray:
+    precision = precision or Precision()
     model.eval()
     out = []
     for start in range(0, len(split), batch_size):
         x = batcher(split.images[start:start + batch_size])
-        out.append(torch.sigmoid(model(x).float()).cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, split.labels.shape[1]), dtype=np.float32)
+        with precision.autocast(batcher.device):
+            logits = model(x)
+        out.append(torch.sigmoid(logits.float()))
+    # One copy back at the end instead of a device sync per batch.
+    return torch.cat(out).cpu().numpy() if out else np.zeros((0, split.labels.shape[1]), dtype=np.float32)
 
 
-def evaluate(model, split: Split, batcher: Batcher, batch_size: int, labels: list[str], name: str) -> Scores:
-    probs = predict(model, split, batcher, batch_size)
+def evaluate(model, split: Split, batcher: Batcher, batch_size: int, labels: list[str], name: str,
+             precision: Precision | None = None) -> Scores:
+    probs = predict(model, split, batcher, batch_size, precision)
     return score(split.labels.numpy(), probs, labels, mask=split.mask.numpy(), split=name)
+
+
+def configure_device(tc) -> torch.device:
+    """Pick the device and set the process-wide switches that make it fast."""
+    if tc.get("threads", 0):
+        torch.set_num_threads(int(tc.threads))
+    device = pick_device(str(tc.device))
+    if device.type == "cuda":
+        # Fixed input shapes: let cuDNN time its algorithms once and keep the fastest.
+        torch.backends.cudnn.benchmark = bool(tc.get("cudnn_benchmark", True))
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{torch.get_num_threads()}threads"
+
+
+def make_batchers(info, tc, device: torch.device) -> tuple[Batcher, Batcher]:
+    mean = torch.tensor(info.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(info.std, device=device).view(1, 3, 1, 1)
+    channels_last = bool(tc.get("channels_last", True))
+    train = Batcher(mean, std, device, channels_last, float(tc.rotate_degrees), float(tc.scale_jitter))
+    return train, Batcher(mean, std, device, channels_last)
+
+
+def maybe_compile(model: torch.nn.Module, tc) -> torch.nn.Module:
+    """``train.compile=true``: the compiled module shares parameters with ``model``, so checkpoints stay plain."""
+    if not tc.get("compile", False):
+        return model
+    return torch.compile(model)
+
+
+def move_to_device(data, device: torch.device, max_share: float):
+    """Keep the uint8 splits on the GPU when they take at most ``max_share`` of its free memory.
+
+    Then a batch is an index into device memory: no host gather, no copy, nothing for the
+    input pipeline to fall behind on. Larger datasets stay in host memory and are copied per batch.
+    """
+    if max_share <= 0:
+        return data
+    free, _ = torch.cuda.mem_get_info(device)
+    need = sum(s.images.numel() for s in data.splits().values())
+    if need > max_share * free:
+        log.info("dataset (%.1f GB uint8) stays in host memory: more than %.0f%% of free GPU memory",
+                 need / 1e9, 100 * max_share)
+        return data
+    for split in data.splits().values():
+        split.images = split.images.to(device)  # labels stay on the host: metrics are computed there
+    return data
 
 
 def _should_stop(tc, stale: int, optimizer, history) -> bool:
@@ -256,9 +360,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
         log.info("%s exists: run already finished, skipping (train.force=true runs it again)", results_path)
         return pd.read_csv(results_path).iloc[0].to_dict()
 
-    if tc.get("threads", 0):
-        torch.set_num_threads(int(tc.threads))
-    device = pick_device(str(tc.device))
+    device = configure_device(tc)
     seed = int(tc.seed)
     seed_everything(seed)
 
@@ -277,11 +379,13 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     model.to(device=device, memory_format=memory_format)
 
     info = model.info
-    mean = torch.tensor(info.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(info.std, device=device).view(1, 3, 1, 1)
-    eval_batcher = Batcher(mean, std, device, bool(tc.get("channels_last", True)))
-    train_batcher = Batcher(mean, std, device, bool(tc.get("channels_last", True)),
-                            float(tc.rotate_degrees), float(tc.scale_jitter))
+    train_batcher, eval_batcher = make_batchers(info, tc, device)
+    precision = resolve_precision(tc.get("amp", "auto"), device)
+    if device.type == "cuda":
+        data = move_to_device(data, device, float(tc.get("data_on_device", 0.5)))
+    step_model = maybe_compile(model, tc)
+    log.info("device %s, precision %s, channels_last %s, compile %s", device, precision.name,
+             bool(tc.get("channels_last", True)), bool(tc.get("compile", False)))
 
     optimizer, scheduler = make_optimizer(model, tc)
     pos_weight = None
@@ -306,6 +410,8 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if precision.scaler is not None and state.get("scaler"):
+            precision.scaler.load_state_dict(state["scaler"])
         restore_rng(state["rng"])
         best, best_epoch, train_seconds = state["best"], state["best_epoch"], state["train_seconds"]
         history = state["history"]
@@ -318,7 +424,8 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
         checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "best": best, "best_epoch": best_epoch,
                          "train_seconds": train_seconds, "history": history, "progress": progress.state_dict(),
-                         "rng": rng_state(), "started": started}, last_path)
+                         "rng": rng_state(), "started": started,
+                         "scaler": precision.scaler.state_dict() if precision.scaler is not None else {}}, last_path)
 
     epochs = int(tc.epochs)
     stale = sum(1 for row in history if row["epoch"] > best_epoch)
@@ -329,8 +436,8 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
             epoch = progress.epoch
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            done = train_one_epoch(model, data.train, train_batcher, optimizer, loss_fn, int(tc.batch_size), seed,
-                                   progress, stop, show)
+            done = train_one_epoch(step_model, data.train, train_batcher, optimizer, loss_fn, int(tc.batch_size),
+                                   seed, progress, stop, show, precision)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             train_seconds += time.perf_counter() - t0
@@ -342,7 +449,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
                 if stop.hand_on():
                     continue  # an earlier handler (e.g. submitit's TERM bypass) wants the run to go on
                 raise Interrupted(stop.signum, message)
-            val = evaluate(model, data.val, eval_batcher, int(tc.eval_batch_size), labels, "val")
+            val = evaluate(step_model, data.val, eval_batcher, int(tc.eval_batch_size), labels, "val", precision)
             val_auprc = val.macro["auprc"]
             if not math.isnan(val_auprc):
                 scheduler.step(val_auprc)
@@ -376,8 +483,8 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
                         "in the val split?), so there is no model to test")
     best_state = checkpoint.load(best_path)
     model.load_state_dict(best_state["model"])
-    val = evaluate(model, data.val, eval_batcher, int(tc.eval_batch_size), labels, "val")
-    test = evaluate(model, data.test, eval_batcher, int(tc.eval_batch_size), labels, "test")
+    val = evaluate(step_model, data.val, eval_batcher, int(tc.eval_batch_size), labels, "val", precision)
+    test = evaluate(step_model, data.test, eval_batcher, int(tc.eval_batch_size), labels, "test", precision)
     row: dict[str, Any] = {
         "dataset": data.name, "model": str(cfg.model.get("tag", info.name)), "init": str(cfg.init.name),
         "strategy": init.strategy, "fraction": float(cfg.data.fraction), "seed": seed, "params": n_params,
@@ -392,7 +499,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
         "image_size": int(data.train.images.shape[-1]), "batch_size": int(tc.batch_size), "lr": float(tc.lr),
         "train_seconds": round(train_seconds, 3),
         "images_per_s": round(images_seen / train_seconds, 2) if train_seconds > 0 else float("nan"),
-        "device": str(device), "weights": init.source, "data_fingerprint": data.fingerprint(),
+        "device": device_name(device), "precision": precision.name, "weights": init.source, "data_fingerprint": data.fingerprint(),
         "started": started, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(), **_versions(),
     })
