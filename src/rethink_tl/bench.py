@@ -33,7 +33,7 @@ from .data.synthetic import generate_split
 from .metrics import score
 from .models import build_model, check_image_size
 from .train import (EpochProgress, configure_device, device_name, make_batchers, make_optimizer, masked_bce,
-                    maybe_compile, predict, resolve_precision, train_one_epoch)
+                    maybe_compile, predict, resolve_precision, train_one_epoch, train_step)
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +68,7 @@ def bare_step(cfg, device, precision, labels, batch, size, steps, warmup) -> flo
         if i == warmup:
             _sync(device)
             t0 = time.perf_counter()
-        with precision.autocast(device):
-            logits = step_model(x)
-        loss = loss_fn(logits.float(), y, m)
-        optimizer.zero_grad(set_to_none=True)
-        if precision.scaler is not None:
-            precision.scaler.scale(loss).backward()
-            precision.scaler.step(optimizer)
-            precision.scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        train_step(step_model, x, y, m, optimizer, loss_fn, precision)
     _sync(device)
     return steps * batch / (time.perf_counter() - t0)
 

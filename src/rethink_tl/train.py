@@ -151,6 +151,22 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
+def train_step(model, x, y, m, optimizer, loss_fn, precision: Precision) -> torch.Tensor:
+    """Forward, loss, backward, update: the model's own work, which the loop around it should not slow."""
+    with precision.autocast(x.device):
+        logits = model(x)
+    loss = loss_fn(logits.float(), y, m)
+    optimizer.zero_grad(set_to_none=True)
+    if precision.scaler is not None:
+        precision.scaler.scale(loss).backward()
+        precision.scaler.step(optimizer)
+        precision.scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss
+
+
 def train_one_epoch(model, split: Split, batcher: Batcher, optimizer, loss_fn, batch_size: int, seed: int,
                     progress: EpochProgress, stop=None, show_bar: bool = False,
                     precision: Precision | None = None) -> bool:
@@ -180,17 +196,7 @@ def train_one_epoch(model, split: Split, batcher: Batcher, optimizer, loss_fn, b
         x = batcher(split.images[idx], gen)
         y = batcher.to_device(split.labels[idx])
         m = batcher.to_device(split.mask[idx])
-        with precision.autocast(batcher.device):
-            logits = model(x)
-        loss = loss_fn(logits.float(), y, m)
-        optimizer.zero_grad(set_to_none=True)
-        if precision.scaler is not None:
-            precision.scaler.scale(loss).backward()
-            precision.scaler.step(optimizer)
-            precision.scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        loss = train_step(model, x, y, m, optimizer, loss_fn, precision)
         # Kept on the device: checking each loss on the host would be a sync point per step.
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
         total += loss.detach().double() * len(idx)
