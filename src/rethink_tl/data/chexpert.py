@@ -1,0 +1,129 @@
+"""``data=chexpert``: CheXpert (Irvin et al. 2019) in its official layout.
+
+``data.root`` is the folder that holds ``train.csv`` and ``valid.csv`` (``CheXpert-v1.0-small`` or
+``CheXpert-v1.0``). The CSV's ``Path`` column starts with the dataset folder's own name
+(``CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg``); paths are resolved against
+the root's parent, or against the root with that first folder dropped, whichever finds the files,
+so a renamed or moved root works too.
+
+Split (default, as in the paper): the images of ``train.csv`` are divided by patient into
+train / val / test, 72 / 8 / 20 (``test_share`` of the patients, then ``val_share`` of the rest).
+``use_official_valid=true`` instead tests on ``valid.csv`` (radiologist-labelled, 234 images of
+200 other patients) and divides ``train.csv`` into train and val only.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from ..errors import UserError
+from . import register_dataset
+from .base import DataBundle
+from .splits import patient_split
+from .tables import assemble, check_splits, parse_labels, read_table, require_columns
+
+log = logging.getLogger(__name__)
+
+# The 14 observations, in the order of the CSV columns.
+OBSERVATIONS: tuple[str, ...] = (
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+    "Fracture", "Support Devices",
+)
+LABEL_SETS: dict[str, tuple[str, ...]] = {
+    "paper13": OBSERVATIONS[:-1],  # the paper leaves out Support Devices
+    "all14": OBSERVATIONS,
+    # The CheXpert competition tasks, in CSV order.
+    "competition5": ("Cardiomegaly", "Edema", "Consolidation", "Atelectasis", "Pleural Effusion"),
+}
+_VIEW = "Frontal/Lateral"
+_PATIENT = re.compile(r"(patient\d+)")
+
+
+def chexpert_labels(cfg: Mapping) -> list[str]:
+    chosen = cfg.get("labels") or "paper13"
+    if isinstance(chosen, str):
+        if chosen not in LABEL_SETS:
+            raise UserError(f"data.labels for chexpert must be one of {', '.join(LABEL_SETS)} or a list of "
+                            f"observations, got {chosen}")
+        return list(LABEL_SETS[chosen])
+    chosen = [str(c) for c in chosen]
+    unknown = [c for c in chosen if c not in OBSERVATIONS]
+    if unknown or len(set(chosen)) != len(chosen):
+        raise UserError(f"data.labels must be distinct CheXpert observations ({', '.join(OBSERVATIONS)}), "
+                        f"got {chosen}")
+    return chosen
+
+
+def _root(cfg: Mapping) -> Path:
+    if not cfg.get("root"):
+        raise UserError("data.root is not set: point it at the folder that holds train.csv and valid.csv "
+                        "(CheXpert-v1.0-small or CheXpert-v1.0)")
+    root = Path(str(cfg["root"])).expanduser().resolve()
+    if not root.is_dir():
+        raise UserError(f"data.root={root} is not a folder")
+    return root
+
+
+def _resolver(root: Path, rel_paths: list[str]):
+    """Pick how CSV paths map to files by trying each way on the first rows."""
+    ways = [
+        lambda p: root.parent / p,  # root is the dataset folder named in the paths
+        lambda p: root.joinpath(*Path(p).parts[1:]),  # the folder was renamed
+        lambda p: root / p,  # root is the folder above the dataset folder
+    ]
+    probe = rel_paths[:50]
+    return max(ways, key=lambda way: sum(way(p).is_file() for p in probe))
+
+
+def _patients(rel_paths: list[str]) -> list[str]:
+    out = []
+    for p in rel_paths:
+        m = _PATIENT.search(p)
+        # Fallback for a non-standard tree: .../<patient>/<study>/<view>.jpg
+        parts = Path(p).parts
+        out.append(m.group(1) if m else (parts[-3] if len(parts) >= 3 else p))
+    return out
+
+
+def _read(root: Path, name: str, labels: list[str], cfg: Mapping):
+    source = str(root / name)
+    df = read_table(root / name, "data=chexpert")
+    frontal_only = bool(cfg.get("frontal_only", True))
+    require_columns(df, ["Path", *labels, *([_VIEW] if frontal_only else [])], source)
+    if frontal_only:
+        df = df[df[_VIEW].str.strip().str.lower() == "frontal"].reset_index(drop=True)
+    y, mask = parse_labels(df, labels, str(cfg.get("uncertain", "ones")), source)
+    rel = df["Path"].str.strip().tolist()
+    return rel, y, mask
+
+
+@register_dataset("chexpert", labels=chexpert_labels)
+def build_chexpert(cfg: Mapping) -> DataBundle:
+    labels = chexpert_labels(cfg)
+    root = _root(cfg)
+    rel, y, mask = _read(root, "train.csv", labels, cfg)
+    seed = int(cfg.get("split_seed", 0))
+    val_share = float(cfg.get("val_share", 0.1))
+    groups = _patients(rel)
+    if cfg.get("use_official_valid", False):
+        parts = patient_split(groups, 0.0, val_share, seed)
+        v_rel, v_y, v_mask = _read(root, "valid.csv", labels, cfg)
+        shared = set(groups) & set(_patients(v_rel))
+        if shared:
+            log.warning("chexpert: %d patients are in both train.csv and valid.csv", len(shared))
+        parts["test"] = np.arange(len(rel), len(rel) + len(v_rel))
+        rel, y, mask = rel + v_rel, np.concatenate([y, v_y]), np.concatenate([mask, v_mask])
+    else:
+        parts = patient_split(groups, float(cfg.get("test_share", 0.2)), val_share, seed)
+    check_splits(parts, f"data=chexpert ({root})",
+                 "check data.root, data.frontal_only and data.val_share / data.test_share (too few patients?)")
+    resolve = _resolver(root, rel)
+    paths = [str(resolve(p)) for p in rel]
+    return assemble(str(cfg.get("name", "chexpert")), labels, paths, rel, y, mask, parts, cfg, anchor=root,
+                    cache_label="chexpert")

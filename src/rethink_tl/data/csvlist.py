@@ -1,0 +1,130 @@
+"""``data=csv``: any images listed in a CSV, e.g. a hospital's own export.
+
+One row per image: a path column (relative to ``data.root``, by default the CSV's folder, or
+absolute), one or more label columns holding 1 / 0 / -1 (uncertain) / blank (= 0), and
+optionally a patient id and a date. Images may be PNG or JPEG of any size, 8- or 16-bit grey or
+RGB (see images.py for how each is stored).
+
+Split: with ``data.cutoff_date`` set, the paper's prospective COVID-19 protocol (train and val
+from the images dated before the cutoff, val = ``val_share`` of their patients; test = the images
+on or after it); otherwise random by patient (``test_share`` of the patients, then ``val_share``
+of the rest). Without a patient column every image counts as its own patient.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+
+from ..errors import UserError
+from . import register_dataset
+from .base import DataBundle
+from .splits import patient_split, prospective_split
+from .tables import assemble, check_splits, label_values, parse_labels, read_table, require_columns
+
+log = logging.getLogger(__name__)
+
+_PATIENT_GUESSES = ("patient_id", "patient", "patientid", "subject_id", "subject")
+
+
+def _csv_path(cfg: Mapping) -> Path:
+    if not cfg.get("csv"):
+        raise UserError("data.csv is not set: give the CSV that lists the images (data.csv=PATH)")
+    return Path(str(cfg["csv"])).expanduser().resolve()
+
+
+def _columns(cfg: Mapping, df: pd.DataFrame) -> tuple[str, str | None, str]:
+    """(path column, patient column or None, date column) as they are named in this CSV."""
+    path_col = str(cfg.get("path_column", "path"))
+    patient_col = cfg.get("patient_column")
+    if patient_col is None:
+        lower = {c.lower(): c for c in df.columns}
+        patient_col = next((lower[g] for g in _PATIENT_GUESSES if g in lower), None)
+    return path_col, (str(patient_col) if patient_col is not None else None), str(cfg.get("date_column", "date"))
+
+
+def csv_labels(cfg: Mapping, df: pd.DataFrame | None = None) -> list[str]:
+    """``data.labels`` as given, or every column (other than path, patient and date) whose values are
+    all 1 / 0 / -1 / blank. Reads the CSV only, never an image."""
+    path = _csv_path(cfg)
+    df = read_table(path, "data.csv") if df is None else df
+    chosen = cfg.get("labels")
+    if chosen is not None:
+        chosen = [chosen] if isinstance(chosen, str) else [str(c) for c in chosen]
+        if not chosen or len(set(chosen)) != len(chosen):
+            raise UserError(f"data.labels must be a list of distinct column names of {path}, got {chosen}")
+        require_columns(df, chosen, str(path), " (asked for by data.labels)")
+        return chosen
+    path_col, patient_col, date_col = _columns(cfg, df)
+    reserved = {path_col, patient_col, date_col}
+    labels, ignored = [], []
+    for col in df.columns:
+        if col in reserved:
+            continue
+        _, bad = label_values(df, col)
+        (ignored if bad.any() or df[col].str.strip().eq("").all() else labels).append(col)
+    if ignored:
+        log.info("data.csv: columns %s hold values other than 1/0/-1/blank and are not labels", ignored)
+    if not labels:
+        raise UserError(f"{path} has no label column: no column besides {path_col!r} holds only 1, 0, -1 or blank "
+                        f"(its columns: {', '.join(df.columns)}); name them with data.labels=[...]")
+    return labels
+
+
+def _rows(df: pd.DataFrame, rows: np.ndarray, col: str) -> str:
+    shown = "; ".join(f"row {i + 1} (line {i + 2}) {col}={df[col].iat[i]!r}" for i in rows[:5])
+    return shown + (f"; and {len(rows) - 5} more" if len(rows) > 5 else "")
+
+
+@register_dataset("csv", labels=csv_labels)
+def build_csv(cfg: Mapping) -> DataBundle:
+    path = _csv_path(cfg)
+    df = read_table(path, "data.csv")
+    labels = csv_labels(cfg, df)
+    path_col, patient_col, date_col = _columns(cfg, df)
+    require_columns(df, [path_col, *([patient_col] if patient_col else [])], str(path),
+                    " (set data.path_column / data.patient_column)")
+    if df.empty:
+        raise UserError(f"{path} lists no image")
+    rel = df[path_col].str.strip()
+    empty = np.flatnonzero(rel.eq("").to_numpy())
+    if len(empty):
+        raise UserError(f"{path}: {len(empty)} rows have no image path: {_rows(df, empty, path_col)}")
+    base = Path(str(cfg["root"])).expanduser().resolve() if cfg.get("root") else path.parent
+    paths = [str(base / p) for p in rel]  # an absolute p replaces base
+    y, mask = parse_labels(df, labels, str(cfg.get("uncertain", "ones")), str(path))
+    if patient_col:
+        groups = df[patient_col].str.strip().to_numpy(dtype=object)
+    else:
+        log.info("data.csv: no patient column, so every image counts as its own patient")
+        groups = np.array([f"row{i}" for i in range(len(df))], dtype=object)
+    seed = int(cfg.get("split_seed", 0))
+    val_share = float(cfg.get("val_share", 0.2))
+    cutoff = cfg.get("cutoff_date")
+    if cutoff is not None and str(cutoff).strip():
+        require_columns(df, [date_col], str(path), " (needed by data.cutoff_date; set data.date_column)")
+        try:
+            cut = pd.Timestamp(str(cutoff))
+        except ValueError:
+            raise UserError(f"data.cutoff_date={cutoff} is not a date (use YYYY-MM-DD)") from None
+        dates = pd.to_datetime(df[date_col].str.strip(), errors="coerce", format="mixed")
+        bad = np.flatnonzero(dates.isna().to_numpy())
+        if len(bad):
+            raise UserError(f"{path}: {len(bad)} rows have no readable {date_col!r}: {_rows(df, bad, date_col)}")
+        parts = prospective_split(dates, cut, groups, val_share, seed)
+        both = set(groups[parts["test"]]) & set(groups[np.concatenate([parts["train"], parts["val"]])])
+        if patient_col and both:
+            log.warning("data.csv: %d patients have images both before and after data.cutoff_date=%s", len(both),
+                        cut.date())
+        hint = (f"data.cutoff_date={cut.date()} but the images date from {dates.min().date()} to "
+                f"{dates.max().date()}")
+    else:
+        parts = patient_split(groups, float(cfg.get("test_share", 0.2)), val_share, seed)
+        hint = f"{len(set(groups))} patients are too few for data.val_share / data.test_share"
+    check_splits(parts, str(path), hint)
+    return assemble(str(cfg.get("name", "csv")), labels, paths, rel.tolist(), y, mask, parts, cfg,
+                    anchor=path.parent, cache_label=path.stem)

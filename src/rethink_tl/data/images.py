@@ -1,0 +1,98 @@
+"""Decoding one image file into the square uint8 array the training loop wants.
+
+Grey levels: 8-bit images are kept as they are. 16-bit (and 32-bit int / float) images are
+mapped to 0..255 without clipping: by default each image's own min..max (``rescale16=minmax``)
+because X-ray PNGs usually carry 10-14 significant bits in a 16-bit container, so dividing by 257
+would leave them nearly black; ``rescale16=full`` divides the full 0..65535 range by 257 instead,
+for data sets whose absolute 16-bit values mean the same thing in every image.
+
+Channels: ``channels=1`` stores luminance (ITU-R 601, PIL's ``convert("L")``) — X-rays are grey
+even when saved as RGB, and the model replicates one channel to three on the device anyway;
+``channels=3`` stores RGB (grey images replicated). ``auto`` is resolved by the caller from the
+file headers (see ``header_channels``): 3 only if some image is stored in a colour mode.
+
+Geometry (``resize``): ``pad`` (default) scales the long side to the target and pads the short
+side with black, so nothing at the edge of the film (costophrenic angles, apices) is cut away;
+``crop`` scales the short side to the target and cuts the centre square; ``stretch`` ignores the
+aspect ratio (what a plain ``Resize((S, S))`` does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+RESIZE_MODES = ("pad", "crop", "stretch")
+RESCALE16_MODES = ("minmax", "full")
+# Modes whose samples do not fit in 8 bits and need an explicit rescale.
+_WIDE_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
+_GREY_MODES = {"1", "L", "LA", "La", "I", "F", *_WIDE_MODES}
+
+# Errors PIL raises for files that are not (complete, valid) images; anything else is a bug.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How every image of a data set is turned into an array; part of the cache key."""
+
+    size: int
+    resize: str = "pad"
+    channels: int = 1  # 1 or 3 (``auto`` is resolved before decoding)
+    rescale16: str = "minmax"
+
+    def key(self) -> str:
+        return f"{self.size}|{self.resize}|{self.channels}|{self.rescale16}"
+
+
+def header_channels(path: str) -> int:
+    """1 for a grey-level file, 3 for a colour one, from the header alone (no pixel decoding)."""
+    with Image.open(path) as img:
+        if img.mode == "P":
+            # A palette image is grey only if every palette entry has R == G == B.
+            pal = np.asarray(img.getpalette() or [0, 0, 0]).reshape(-1, 3)
+            return 1 if (pal == pal[:, :1]).all() else 3
+        return 1 if img.mode in _GREY_MODES else 3
+
+
+def _to_8bit(img: Image.Image, rescale16: str) -> Image.Image:
+    a = np.asarray(img)
+    if a.ndim == 3:  # e.g. a 16-bit RGB(A) array decoded by a plugin: keep the colour planes
+        a = a[..., :3]
+    if img.mode == "F" or rescale16 == "minmax":
+        a = a.astype(np.float32)
+        lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+        scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    else:
+        scaled = a.astype(np.float32) * (255.0 / 65535.0)
+    return Image.fromarray(np.clip(np.rint(np.nan_to_num(scaled)), 0, 255).astype(np.uint8))
+
+
+def decode_image(path: str, spec: ImageSpec) -> np.ndarray:
+    """Read ``path`` and return uint8 ``(spec.channels, spec.size, spec.size)``.
+
+    Raises one of ``DECODE_ERRORS`` for a missing, truncated or otherwise unreadable file.
+    """
+    size = (spec.size, spec.size)
+    target = "L" if spec.channels == 1 else "RGB"
+    with Image.open(path) as img:
+        # JPEG only: let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is that much
+        # smaller (the result is never below the target size); it is most of the speed-up on
+        # full-resolution X-rays.
+        img.draft(target, size)
+        img.load()
+        ImageOps.exif_transpose(img, in_place=True)  # phone photos of films carry a rotation tag
+        if img.mode in _WIDE_MODES:
+            img = _to_8bit(img, spec.rescale16)
+        if img.mode != target:
+            img = img.convert(target)
+    if spec.resize == "pad":
+        img = ImageOps.pad(img, size, method=Image.Resampling.BICUBIC, color=0)
+    elif spec.resize == "crop":
+        img = ImageOps.fit(img, size, method=Image.Resampling.BICUBIC)
+    else:
+        img = img.resize(size, Image.Resampling.BICUBIC)
+    a = np.asarray(img, dtype=np.uint8)
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
