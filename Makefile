@@ -19,6 +19,9 @@ help:
 	@echo "make demo    TL vs RI on the embedded synthetic data with real EfficientNet-Lite0 weights (CPU, < 10 min)"
 	@echo "make test    install into $(VENV) and run the test suite"
 	@echo "make clean   remove run outputs (keeps $(VENV))"
+	@echo "make fig2    toy ROC/PR curves of classifiers A and B (paper Fig. 2), no training"
+	@echo "make fig3 ... fig7 [COVID_CSV=... CHEXPERT_ROOT=... CBR_WEIGHTS=...]   sweep + report of one paper figure"
+	@echo "make figures PROFILE=smoke   every figure end to end on synthetic data, offline (2-core CPU: about 8 min)"
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -37,3 +40,138 @@ test: $(STAMP)
 
 clean:
 	rm -rf runs multirun outputs demo_runs
+
+# ---- Paper figures ---------------------------------------------------------------------------------
+# One target per figure: its sweeps (Hydra multiruns; finished runs are skipped, interrupted ones
+# resume), then `rtl report`. Every figure's runs go to one tree, $(RUNS)/<data>/<model>/<init>/
+# f<fraction>/s<seed>, so figures that need the same setting (fig3 and fig7: CBR TL at 5/10/100 %)
+# train it once; `rtl report --figure figN` keeps only the runs of figN's design
+# (conf/experiment/figN.yaml) and writes $(FIG_DIR)/figN/{summary.csv,summary.md,figN.png,figN.pdf}.
+#
+#   make fig3 COVID_CSV=/data/covid/images.csv COVID_CUTOFF=2020-05-01 CBR_WEIGHTS=/data/cbr
+#   make fig4 CHEXPERT_ROOT=/data/CheXpert-v1.0-small
+#   make figures PROFILE=smoke      every figure end to end, offline, on a CPU (synthetic data)
+#   make figures ... LAUNCHER='hydra/launcher=slurm hydra.launcher.partition=gpu'   one SLURM job per run
+# Do not run figure targets in parallel (make -j): they share runs.
+PROFILE    ?= full
+FIG_DIR    ?= figures/$(PROFILE)
+RUNS       ?= $(FIG_DIR)/runs
+LAUNCHER   ?=
+SWEEP_ARGS ?=
+# Data (PROFILE=full). The COVID-like set is any image CSV (data=csv) with a prospective split.
+COVID_CSV     ?=
+COVID_NAME    ?= covid
+COVID_CUTOFF  ?=
+CHEXPERT_ROOT ?=
+# CBR nets have no public ImageNet weights: CBR_WEIGHTS is a folder of <model>.pth (cbr_large_t.pth,
+# cbr_large_w.pth, cbr_small.pth, cbr_tiny.pth), e.g. your own ImageNet pretraining. Without it the
+# CBR TL runs are skipped and the figures show CBR RI only.
+CBR_WEIGHTS   ?=
+# Models per sweep: CBR nets apart from deep nets, because their TL runs read other weights.
+CBR_MODELS ?= cbr_large_t,cbr_large_w,cbr_small,cbr_tiny
+FIG3_DEEP  ?= dens_f,res_f
+FIG4_DEEP  ?= $(FIG3_DEEP)
+FIG5_DEEP  ?= res_f,res_t1,res_t2,res_t3,res_t4,res_t5,dens_f,dens_t1,dens_t2,dens_t3
+FIG6_DEEP  ?= dens_t1,dens_t2,dens_t3,dens_s1,dens_s2,dens_s3,dens_f
+FIG7_DEEP  ?= dens_t1,dens_t2,dens_t3,dens_f
+FIG3_ALL   := $(CBR_MODELS),$(FIG3_DEEP)
+FIG4_ALL   := $(CBR_MODELS),$(FIG4_DEEP)
+
+ifeq ($(PROFILE),full)
+COVID_DATA    := data.csv=$(COVID_CSV) data.name=$(COVID_NAME) $(if $(COVID_CUTOFF),data.cutoff_date=$(COVID_CUTOFF))
+CHEXPERT_DATA := data.root=$(CHEXPERT_ROOT)
+COVID_RUNS    := $(RUNS)/$(COVID_NAME)
+CHEXPERT_RUNS := $(RUNS)/chexpert
+PROFILE_ARGS  :=
+DEEP_TL       :=
+CBR_TL        := $(if $(CBR_WEIGHTS),'init.weights=$(abspath $(CBR_WEIGHTS))/$${model.name}.pth')
+NOTE          ?=
+NEEDS         :=
+else ifeq ($(PROFILE),smoke)
+# Smoke profile: the same models x inits x fractions on the embedded synthetic data, 1 seed, few
+# epochs, 32 px for deep nets and each CBR net at the smallest size it accepts; offline. ImageNet
+# weights cannot be installed offline, so "pretrained" reads seeded random stand-in files
+# (scripts/standin_weights.py): the figures check the pipeline, not the paper's claims, and say so.
+SMOKE_SAMPLES ?= 300
+SMOKE_EPOCHS  ?= 2
+SMOKE_SIZE    ?= 32
+# One thread per run: two OpenMP threads on a 2-core machine that is also doing something else
+# wait on each other at every barrier and ran 10x slower in our measurements than one thread.
+SMOKE_THREADS ?= 1
+SMOKE_SIZES   ?= {cbr_large_t:217,cbr_large_w:121,cbr_small:121,cbr_tiny:91}
+STANDIN       := $(FIG_DIR)/standin-weights
+COVID_DATA    := data=synthetic data.num_samples=$(SMOKE_SAMPLES) data.prevalence=0.3 data.test_prevalence=0.3 \
+                 '+image_size_by_model=$(SMOKE_SIZES)' \
+                 'data.image_size="$${oc.select:image_size_by_model.$${model.name},$(SMOKE_SIZE)}"'
+CHEXPERT_DATA := $(COVID_DATA)
+COVID_RUNS    := $(RUNS)/synthetic
+CHEXPERT_RUNS := $(RUNS)/synthetic
+PROFILE_ARGS  := train.epochs=$(SMOKE_EPOCHS) train.batch_size=16 train.lr=1e-3 train.seed=0 train.device=cpu \
+                 train.threads=$(SMOKE_THREADS) \
+                 train.progress=false
+DEEP_TL       := 'init.weights=$(abspath $(STANDIN))/$${model.name}.pth'
+CBR_TL        := $(DEEP_TL)
+NOTE          ?= smoke profile: synthetic data stands in for COVID-19 and CheXpert ($(SMOKE_SAMPLES) images, \
+                 $(SMOKE_EPOCHS) epochs, 1 seed); "TL" starts from seeded random stand-in weights, not ImageNet: \
+                 this checks the pipeline, its numbers say nothing about transfer learning.
+NEEDS         := $(STANDIN)/README.txt
+else
+$(error PROFILE must be full or smoke, not '$(PROFILE)')
+endif
+
+# $(call sweep,EXPERIMENT,DATA ARGS,MODELS,INIT[,EXTRA ARGS])
+sweep = $(RTL) train -m +experiment=$(1) $(2) model=$(3) init=$(4) $(5) $(PROFILE_ARGS) \
+        hydra.sweep.dir=$(RUNS) $(LAUNCHER) $(SWEEP_ARGS)
+# $(call cbr_tl,EXPERIMENT,DATA ARGS): the CBR TL sweep, or a note that it is skipped
+cbr_tl = $(if $(CBR_TL),$(call sweep,$(1),$(2),$(CBR_MODELS),pretrained,$(CBR_TL)),\
+         @echo "$(1): CBR TL runs skipped: set CBR_WEIGHTS=DIR holding cbr_large_t.pth ... cbr_tiny.pth")
+# $(call report,EXPERIMENT,RUN DIR)
+report = $(RTL) report $(2) --figure $(1) --out $(FIG_DIR)/$(1) $(if $(NOTE),--note '$(NOTE)')
+# $(call need,VARIABLE): stop with a message when PROFILE=full lacks a data path
+need = $(if $(filter full,$(PROFILE)),@test -n "$($(1))" || { echo "make $@: set $(1)=PATH to the real data; or use PROFILE=smoke (synthetic data)" >&2; exit 2; })
+
+.PHONY: figures fig2 fig3 fig4 fig5 fig6 fig7 clean-smoke
+.NOTPARALLEL:
+
+figures: fig2 fig3 fig4 fig5 fig6 fig7
+
+$(STANDIN)/README.txt: | $(STAMP)
+	$(BIN)/python scripts/standin_weights.py $(STANDIN)
+
+fig2: $(STAMP)
+	$(RTL) report $(FIG_DIR)/fig2 --figure fig2
+
+fig3: $(STAMP) $(NEEDS)
+	$(call need,COVID_CSV)
+	$(call sweep,fig3,$(COVID_DATA),$(FIG3_ALL),random)
+	$(call sweep,fig3,$(COVID_DATA),$(FIG3_DEEP),pretrained,$(DEEP_TL))
+	$(call cbr_tl,fig3,$(COVID_DATA))
+	$(call report,fig3,$(COVID_RUNS))
+
+fig4: $(STAMP) $(NEEDS)
+	$(call need,CHEXPERT_ROOT)
+	$(call sweep,fig4,$(CHEXPERT_DATA),$(FIG4_ALL),random)
+	$(call sweep,fig4,$(CHEXPERT_DATA),$(FIG4_DEEP),pretrained,$(DEEP_TL))
+	$(call cbr_tl,fig4,$(CHEXPERT_DATA))
+	$(call report,fig4,$(CHEXPERT_RUNS))
+
+fig5: $(STAMP) $(NEEDS)
+	$(call need,CHEXPERT_ROOT)
+	$(call sweep,fig5,$(CHEXPERT_DATA),$(FIG5_DEEP),pretrained,$(DEEP_TL))
+	$(call cbr_tl,fig5,$(CHEXPERT_DATA))
+	$(call report,fig5,$(CHEXPERT_RUNS))
+
+fig6: $(STAMP) $(NEEDS)
+	$(call need,COVID_CSV)
+	$(call sweep,fig6,$(COVID_DATA),$(FIG6_DEEP),pretrained,$(DEEP_TL))
+	$(call report,fig6,$(COVID_RUNS))
+
+fig7: $(STAMP) $(NEEDS)
+	$(call need,COVID_CSV)
+	$(call sweep,fig7,$(COVID_DATA),$(FIG7_DEEP),pretrained,$(DEEP_TL))
+	$(call cbr_tl,fig7,$(COVID_DATA))
+	$(call report,fig7,$(COVID_RUNS))
+
+# Smoke outputs only: full-profile runs cost GPU days and are never removed by a target.
+clean-smoke:
+	rm -rf figures/smoke

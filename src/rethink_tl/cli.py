@@ -3,6 +3,7 @@
     rtl train [OVERRIDES]        one run, e.g. rtl train model=dens_t1 init=pretrained
     rtl train -m [OVERRIDES]     a sweep, e.g. rtl train -m model=dens_t1,dens_f init=random,pretrained
     rtl report DIR               gather every run below DIR into DIR/summary.csv and summary.md
+    rtl bench [OVERRIDES]        images/s of the bare model step, the rtl loop and a naive loop
 
 User errors print one line and exit 2; anything else is a bug and keeps its traceback.
 """
@@ -46,14 +47,31 @@ def _train(cfg: DictConfig) -> float:
     return float(row["test_auprc"])
 
 
+@hydra.main(version_base="1.3", config_path="conf", config_name="bench")
+def _bench(cfg: DictConfig) -> None:
+    from .bench import format_row, run_bench
+
+    try:
+        row = run_bench(cfg, HydraConfig.get().runtime.output_dir)
+    except UserError as err:
+        _fail(str(err))
+    print(format_row(row))
+
+
 def _report(argv: list[str]) -> None:
     from .report import report
 
-    parser = argparse.ArgumentParser(prog="rtl report", description="Gather every run below DIR into tables.")
+    parser = argparse.ArgumentParser(prog="rtl report", description="Gather every run below DIR into tables "
+                                     "(summary.csv, summary.md) and draw the figure of its experiment.")
     parser.add_argument("dir", help="a run or sweep directory (searched recursively for results.csv)")
+    parser.add_argument("--figure", metavar="figN", help="draw this paper figure (fig2 ... fig7) from the runs of "
+                        "its experiment design only; default: the experiment the runs were made with, if any "
+                        "(fig2 needs no runs: DIR is where it goes)")
+    parser.add_argument("--out", metavar="OUT", help="write tables and figure here (default: DIR)")
+    parser.add_argument("--note", default="", help="a line added under the figure title, e.g. what a profile stands in for")
     args = parser.parse_args(argv)
     try:
-        table = report(args.dir)
+        table = report(args.dir, figure=args.figure, out=args.out, note=args.note)
     except UserError as err:
         _fail(str(err))
     print(table)
@@ -68,12 +86,12 @@ def main(argv: list[str] | None = None) -> None:
     # Metric warnings (single-class labels) matter, but once per message is enough.
     warnings.simplefilter("once")
     logging.captureWarnings(True)
-    if command == "train":
-        sys.argv = ["rtl-train", *rest]  # Hydra reads its overrides from sys.argv
+    if command in ("train", "bench"):
+        sys.argv = [f"rtl-{command}", *rest]  # Hydra reads its overrides from sys.argv
         # Let Hydra's own errors reach us, so they end as one message rather than a partial traceback.
         os.environ["HYDRA_FULL_ERROR"] = "1"
         try:
-            _train()
+            _train() if command == "train" else _bench()
         except HydraException as err:
             _fail(str(err).strip())
         except OSError as err:
@@ -83,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "report":
         _report(rest)
     else:
-        _fail(f"unknown command '{command}': use one of train, report (rtl --help)")
+        _fail(f"unknown command '{command}': use one of train, report, bench (rtl --help)")
 
 
 if __name__ == "__main__":

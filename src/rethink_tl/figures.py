@@ -1,0 +1,376 @@
+"""The paper's figures, drawn from the summary table of ``rtl report``: one function per figure.
+
+    rtl report figures/full/runs/covid --figure fig3 --out figures/full/fig3
+
+Each ``figN(summary, models, note)`` takes the summary (one row per dataset x model x init x
+fraction, columns ``<split>_<metric>[_<label>]_mean`` / ``_std`` and ``n``) and returns a
+matplotlib Figure; ``save`` writes it as PNG and PDF. Error bars are one sample standard deviation
+over the seeds of a setting; a setting with one seed has none, and the subtitle says so.
+fig2 needs no runs: ``toy`` draws the two classifiers of ``metrics.toy_classifiers``.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are files: never ask for a display, also on a headless cluster node
+
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve  # noqa: E402
+
+from .errors import UserError  # noqa: E402
+from .metrics import TOY_POSITIVE_RANKS, toy_classifiers  # noqa: E402
+from .report import label_names  # noqa: E402
+
+METRICS = {"auroc": "AUROC", "auprc": "AUPRC"}
+INIT_LABEL = {"random": "RI", "pretrained": "TL"}
+INIT_COLOR = {"random": "#a9a9a9", "pretrained": "#1f77b4"}
+MODEL_LABELS = {
+    "cbr_large_t": "CBR-LargeT", "cbr_large_w": "CBR-LargeW", "cbr_small": "CBR-Small", "cbr_tiny": "CBR-Tiny",
+    "dens_f": "DenseNet121", "res_f": "ResNet50",
+    **{f"dens_t{k}": f"Dens-T{k}" for k in range(1, 4)},
+    **{f"dens_s{k}": f"Dens-S{k}" for k in range(1, 4)},
+    **{f"res_t{k}": f"Res-T{k}" for k in range(1, 6)},
+    **{f"res_s{k}": f"Res-S{k}" for k in range(1, 4)},
+}
+REFERENCE = "dens_f"  # fig5 compares every family with DenseNet121 TL, as the paper does
+
+
+def pretty(tag: str) -> str:
+    return MODEL_LABELS.get(tag, tag)
+
+
+def family(tag: str) -> str:
+    """The model family fig5 picks one best model from; unknown tags (timm models) are their own family."""
+    if tag.startswith("cbr_"):
+        return "CBR"
+    if tag.startswith("dens_s"):
+        return "DenseNet121 slim"
+    if tag.startswith("dens_"):
+        return "DenseNet121"
+    if tag.startswith("res_s"):
+        return "ResNet50 slim"
+    if tag.startswith("res_"):
+        return "ResNet50"
+    return tag
+
+
+def col(metric: str, label: str | None = None, split: str = "test") -> str:
+    """Summary column prefix of a metric, macro (label None) or of one label."""
+    return f"{split}_{metric}" + (f"_{label}" if label else "")
+
+
+def ordered(present, order: list[str] | None) -> list[str]:
+    """``present`` in the order the experiment lists them; anything else after, alphabetically."""
+    present = list(dict.fromkeys(present))
+    order = [m for m in (order or []) if m in present]
+    return order + sorted(m for m in present if m not in order)
+
+
+def fraction_title(fraction: float) -> str:
+    return f"{fraction:.0%} of the training data"
+
+
+def subtitle(summary: pd.DataFrame, note: str = "", width: int = 110, spread_note: str = "") -> str:
+    """What the reader must know to read the figure: data, split, what the error bars are, the note."""
+    datasets = ", ".join(sorted(summary["dataset"].astype(str).unique()))
+    lo, hi = int(summary["n"].min()), int(summary["n"].max())
+    if hi == 1:
+        spread = "1 seed per setting, so no error bars"
+    else:
+        seeds = f"{lo}" if lo == hi else f"{lo}-{hi}"
+        spread = f"mean ± 1 sd over {seeds} seeds" + ("" if lo > 1 else " (settings with 1 seed: no error bar)")
+        spread += f"; {spread_note}" if spread_note else ""
+    return "\n".join(textwrap.wrap(f"data: {datasets}; test split; {spread}", width) + textwrap.wrap(note, width))
+
+
+def finish(fig: Figure, title: str, summary: pd.DataFrame, note: str = "", spread_note: str = "") -> Figure:
+    # About 12 characters of an 11 pt title per inch of figure: wrap so no line runs off the page.
+    width = max(60, int(fig.get_figwidth() * 12))
+    fig.suptitle(f"{title}\n{subtitle(summary, note, width, spread_note)}", fontsize=11)
+    return fig
+
+
+def save(fig: Figure, out_dir: str | Path, name: str) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
+    fig.savefig(paths[0], dpi=150)
+    fig.savefig(paths[1])
+    plt.close(fig)
+    return paths
+
+
+def legend_below(fig: Figure, ax, title: str | None = None) -> None:
+    """One legend for the whole figure, under the panels: inside a panel it would hide bars."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, title=title, loc="outside lower center", ncols=min(len(labels), 6), frameon=False)
+
+
+def _zoom(axes, lows: list[float], highs: list[float]) -> None:
+    """One y range for a row of bar panels: from a round value below the lowest bar (or error bar) to
+    just above the highest, within [0, 1]. AUROC bars from 0 would hide the differences that matter."""
+    lows, highs = np.asarray(lows, dtype=float), np.asarray(highs, dtype=float)
+    if not np.isfinite(lows).any():
+        return  # nothing drawn yet (no finished run in these panels): keep matplotlib's range
+    lo, hi = np.nanmin(lows), np.nanmax(highs)
+    bottom = max(0.0, np.floor((lo - 0.03) * 20) / 20)
+    top = min(1.0, np.ceil((hi + 0.02) * 20) / 20)
+    for ax in np.atleast_1d(axes):
+        ax.set_ylim(bottom, max(top, bottom + 0.05))
+
+
+def bar_panel(ax, mean: pd.DataFrame, std: pd.DataFrame, colors: list[str], ylabel: str,
+              title: str) -> tuple[float, float]:
+    """Grouped bars: one group per row of ``mean``, one bar per column, error bars from ``std``.
+    Returns the lowest and highest bar extent, for a shared y range."""
+    yerr = std if std.notna().to_numpy().any() else None
+    mean.plot.bar(ax=ax, yerr=yerr, color=colors, capsize=3, width=0.8, legend=False, rot=0,
+                  error_kw={"elinewidth": 1, "ecolor": "black"})
+    ax.set_ylabel(ylabel)
+    ax.set_xlabel("")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.tick_params(axis="x", labelrotation=40)
+    for tick in ax.get_xticklabels():
+        tick.set_horizontalalignment("right")
+        tick.set_rotation_mode("anchor")
+    spread = std.fillna(0.0)
+    low, high = (mean - spread).to_numpy(dtype=float), (mean + spread).to_numpy(dtype=float)
+    if not np.isfinite(low).any():
+        return float("nan"), float("nan")
+    return float(np.nanmin(low)), float(np.nanmax(high))
+
+
+def _inits(summary: pd.DataFrame) -> list[str]:
+    return [i for i in INIT_LABEL if i in set(summary["init"])] + sorted(set(summary["init"]) - set(INIT_LABEL))
+
+
+def _init_frames(sub: pd.DataFrame, metric: str, models: list[str], inits: list[str]):
+    """(mean, std) tables with one row per model and one column per init, labelled for the legend."""
+    frames = []
+    for stat in ("mean", "std"):
+        table = sub.pivot(index="model", columns="init", values=f"{col(metric)}_{stat}")
+        table = table.reindex(index=models, columns=inits)
+        frames.append(table.rename(index=pretty, columns=lambda i: INIT_LABEL.get(i, i)))
+    return frames
+
+
+def fig3(summary: pd.DataFrame, models: list[str] | None = None, note: str = "") -> Figure:
+    """TL vs RI: one panel per metric (rows) and data fraction (columns), grouped bars per model."""
+    fractions = sorted(summary["fraction"].unique())
+    models = ordered(summary["model"], models)
+    inits = _inits(summary)
+    width = 1.0 + len(fractions) * (1.5 + 0.55 * len(models))
+    fig, axes = plt.subplots(len(METRICS), len(fractions), figsize=(width, 8), squeeze=False, sharey="row",
+                             layout="constrained")
+    for i, (metric, name) in enumerate(METRICS.items()):
+        lows, highs = [], []
+        for j, fraction in enumerate(fractions):
+            mean, std = _init_frames(summary[summary["fraction"] == fraction], metric, models, inits)
+            lo, hi = bar_panel(axes[i, j], mean, std, [INIT_COLOR.get(c, "C2") for c in inits],
+                               f"test {name}", fraction_title(fraction))
+            lows.append(lo)
+            highs.append(hi)
+        _zoom(axes[i], lows, highs)
+    legend_below(fig, axes[0, 0], "init")
+    return finish(fig, "TL vs RI by model and amount of training data", summary, note)
+
+
+def fig4(summary: pd.DataFrame, models: list[str] | None = None, note: str = "") -> Figure:
+    """TL vs RI per pathology: one row per model, one column per metric, grouped bars per label."""
+    fraction = summary["fraction"].max()
+    summary = summary[summary["fraction"] == fraction]
+    models = ordered(summary["model"], models)
+    inits = _inits(summary)
+    labels = label_names(summary)
+    groups = [*labels, "macro mean"]
+    width = 1.5 + 0.3 * len(groups) * max(len(inits), 1)
+    fig, axes = plt.subplots(len(models), len(METRICS), figsize=(max(9.0, 2 * width), 1.0 + 2.6 * len(models)),
+                             squeeze=False, layout="constrained")
+    for i, model in enumerate(models):
+        sub = summary[summary["model"] == model].set_index("init")
+        for j, (metric, name) in enumerate(METRICS.items()):
+            frames = []
+            for stat in ("mean", "std"):
+                cols = [f"{col(metric, lab)}_{stat}" for lab in labels] + [f"{col(metric)}_{stat}"]
+                table = sub.reindex(inits)[cols].T
+                table.index = groups
+                frames.append(table.rename(columns=lambda c: INIT_LABEL.get(c, c)))
+            lo, hi = bar_panel(axes[i, j], frames[0], frames[1], [INIT_COLOR.get(c, "C2") for c in inits],
+                               f"test {name}", f"{pretty(model)}")
+            _zoom(axes[i, j], [lo], [hi])
+            if i < len(models) - 1:
+                axes[i, j].tick_params(labelbottom=False)
+    legend_below(fig, axes[0, 0], "init")
+    return finish(fig, f"TL vs RI per label, {fraction_title(fraction)}", summary, note)
+
+
+def fig5(summary: pd.DataFrame, models: list[str] | None = None, note: str = "") -> Figure:
+    """The best TL model of each family, as the difference to DenseNet121 TL, per label and macro.
+
+    "Best" is chosen on the validation split (mean macro val AUPRC, the protocol's selection
+    metric), never on the test split that the bars show. DenseNet121 itself is the reference, so
+    its family competes with its truncations only.
+    """
+    fraction = summary["fraction"].max()
+    tl = summary[(summary["fraction"] == fraction) & (summary["init"] == "pretrained")]
+    ref = tl[tl["model"] == REFERENCE]
+    if ref.empty:
+        raise UserError(f"fig5 compares with DenseNet121 TL: no finished run of model={REFERENCE} init=pretrained "
+                        f"at fraction {fraction:g}")
+    ref = ref.iloc[0]
+    rivals = tl[(tl["model"] != REFERENCE) & tl["val_auprc_mean"].notna()]
+    rivals = rivals.assign(family=rivals["model"].map(family))
+    if rivals.empty:
+        raise UserError("fig5 needs TL runs of at least one model besides DenseNet121")
+    best = rivals.loc[rivals.groupby("family", sort=False)["val_auprc_mean"].idxmax()]
+    best = best.set_index("model").loc[ordered(best["model"], models)]
+    labels = label_names(summary)
+    groups = [*labels, "macro mean"]
+    legend = [f"{row.family}: {pretty(model)}" for model, row in best.iterrows()]
+    fig, axes = plt.subplots(len(METRICS), 1, figsize=(max(8.0, 2.5 + 0.3 * len(groups) * len(best)), 8),
+                             squeeze=False, layout="constrained")
+    for i, (metric, name) in enumerate(METRICS.items()):
+        cols = [col(metric, lab) for lab in labels] + [col(metric)]
+        means = [f"{c}_mean" for c in cols]
+        stds = [f"{c}_std" for c in cols]
+        delta = best[means].to_numpy(dtype=float) - ref[means].to_numpy(dtype=float)
+        # The spread of a difference of two independent settings: both standard deviations add in quadrature.
+        spread = np.sqrt(best[stds].to_numpy(dtype=float) ** 2 + ref[stds].to_numpy(dtype=float) ** 2)
+        mean = pd.DataFrame(delta.T, index=groups, columns=legend)
+        std = pd.DataFrame(spread.T, index=groups, columns=legend)
+        ax = axes[i, 0]
+        bar_panel(ax, mean, std, [f"C{k}" for k in range(len(best))], f"Δ test {name}",
+                  f"test {name} minus that of DenseNet121 TL ({ref[f'{col(metric)}_mean']:.3f} macro)")
+        ax.axhline(0.0, color="black", linewidth=0.8)
+    legend_below(fig, axes[0, 0], "family: its best model by validation AUPRC")
+    return finish(fig, f"Best TL model of each family relative to DenseNet121 TL, {fraction_title(fraction)}",
+                  summary, note, spread_note="error bars: √(sd_model² + sd_DenseNet121²)")
+
+
+def fig6(summary: pd.DataFrame, models: list[str] | None = None, note: str = "") -> Figure:
+    """Truncated TL (Dens-T1..T3) vs Transfusion (Dens-S1..S3) by how many dense blocks keep their
+    pretrained weights; both lines end at DenseNet121 TL, which reuses all four."""
+    tl = summary[summary["init"] == "pretrained"]
+    fractions = sorted(tl["fraction"].unique())
+    levels = [1, 2, 3, 4]
+    lines = {"Truncated TL (Dens-T1..T3)": ("dens_t", "o", "C0"), "Transfusion (Dens-S1..S3)": ("dens_s", "s", "C3")}
+    fig, axes = plt.subplots(len(METRICS), len(fractions), figsize=(1.5 + 4.2 * len(fractions), 7.5),
+                             squeeze=False, sharey="row", layout="constrained")
+    for j, fraction in enumerate(fractions):
+        sub = tl[tl["fraction"] == fraction].set_index("model")
+        for i, (metric, name) in enumerate(METRICS.items()):
+            ax = axes[i, j]
+            for label, (prefix, marker, color) in lines.items():
+                tags = [f"{prefix}{k}" for k in levels[:-1]] + [REFERENCE]
+                rows = sub.reindex(tags)
+                ax.errorbar(levels, rows[f"{col(metric)}_mean"], yerr=rows[f"{col(metric)}_std"], marker=marker,
+                            color=color, capsize=3, label=label)
+            ax.set_xticks(levels, ["block 1", "blocks 1-2", "blocks 1-3", "all\n(DenseNet121)"])
+            ax.set_xlabel("pretrained dense blocks reused")
+            ax.set_ylabel(f"test {name}")
+            ax.set_title(fraction_title(fraction), fontsize=10)
+            ax.grid(alpha=0.3)
+    legend_below(fig, axes[0, 0])
+    return finish(fig, "Truncated TL vs Transfusion by level of reused pretrained weights", summary, note)
+
+
+def fig7(summary: pd.DataFrame, models: list[str] | None = None, note: str = "") -> Figure:
+    """Every TL model (full, truncated, CBR) at each data fraction: bars per model, one per fraction."""
+    tl = summary[summary["init"] == "pretrained"]
+    models = ordered(tl["model"], models)
+    fractions = sorted(tl["fraction"].unique())
+    params = tl.groupby("model")["params"].first()
+    ticks = {m: f"{pretty(m)} ({params[m] / 1e6:.1f}M)" for m in models}
+    colors = list(plt.get_cmap("Blues")(np.linspace(0.35, 0.9, len(fractions))))
+    fig, axes = plt.subplots(len(METRICS), 1, figsize=(max(8.0, 2.0 + 0.5 * len(models) * len(fractions)), 8),
+                             squeeze=False, layout="constrained")
+    for i, (metric, name) in enumerate(METRICS.items()):
+        frames = []
+        for stat in ("mean", "std"):
+            table = tl.pivot(index="model", columns="fraction", values=f"{col(metric)}_{stat}")
+            table = table.reindex(index=models, columns=fractions).rename(index=ticks, columns=lambda f: f"{f:.0%}")
+            frames.append(table)
+        lo, hi = bar_panel(axes[i, 0], frames[0], frames[1], colors, f"test {name}", f"test {name} of TL models")
+        _zoom(axes[i, 0], [lo], [hi])
+    legend_below(fig, axes[0, 0], "training data")
+    axes[-1, 0].set_xlabel("model (parameters)")
+    return finish(fig, "All TL models, full and truncated, at three amounts of training data", summary, note)
+
+
+FIGURES: dict[str, Callable[..., Figure]] = {"fig3": fig3, "fig4": fig4, "fig5": fig5, "fig6": fig6, "fig7": fig7}
+
+
+def draw(name: str, summary: pd.DataFrame, out_dir: str | Path, models: list[str] | None = None,
+         note: str = "") -> list[Path]:
+    if name not in FIGURES:
+        raise UserError(f"no figure {name!r}: choose one of fig2, {', '.join(FIGURES)}")
+    return save(FIGURES[name](summary, models, note), out_dir, name)
+
+
+def _ranks(ranks: tuple[int, ...]) -> str:
+    """(0, 1, 2, 5) -> '0-2, 5': the rank lists as the README writes them."""
+    parts, start = [], ranks[0]
+    for prev, cur in zip(ranks, [*ranks[1:], None]):
+        if cur != prev + 1:
+            parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = cur
+    return ", ".join(parts)
+
+
+def toy(out_dir: str | Path, note: str = "") -> tuple[pd.DataFrame, list[Path]]:
+    """Paper Fig. 2: ROC and PR curves of toy classifiers A and B; both AUROCs near 1, AUPRCs far apart.
+
+    Writes fig2.png/.pdf, scores.csv (the labels and both score lists) and summary.csv (AUROC, AUPRC).
+    """
+    y, scores = toy_classifiers()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    listing = pd.DataFrame({"y_true": y, **{f"score_{k}": v for k, v in scores.items()}})
+    listing.to_csv(out_dir / "scores.csv", index=False)
+    rows = []
+    fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(11, 5), layout="constrained")
+    inset = roc_ax.inset_axes([0.42, 0.42, 0.53, 0.4])
+    for (name, s), color in zip(scores.items(), ("C0", "C3")):
+        auroc, auprc = roc_auc_score(y, s), average_precision_score(y, s)
+        rows.append({"classifier": name, "auroc": auroc, "auprc": auprc,
+                     "positive_ranks": _ranks(TOY_POSITIVE_RANKS[name])})
+        fpr, tpr, _ = roc_curve(y, s)
+        precision, recall, _ = precision_recall_curve(y, s)
+        label = f"{name}: AUROC {auroc:.4f}, AUPRC {auprc:.3f}"
+        roc_ax.plot(fpr, tpr, color=color, label=label)
+        inset.plot(fpr, tpr, color=color)
+        # Average precision is the step-wise sum, so the PR curve is drawn as steps, not interpolated.
+        pr_ax.step(recall, precision, where="post", color=color, label=label)
+    prevalence = float(np.mean(y))
+    roc_ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="chance")
+    inset.set_xlim(0, 0.025)
+    inset.set_ylim(0, 1.02)
+    inset.set_title("zoom: false positive rate 0-0.025", fontsize=8)
+    inset.tick_params(labelsize=7)
+    roc_ax.set(xlabel="false positive rate", ylabel="true positive rate (recall)", title="ROC curve")
+    pr_ax.axhline(prevalence, color="grey", linestyle=":", label=f"chance (prevalence {prevalence:.2f})")
+    pr_ax.set(xlabel="recall", ylabel="precision", title="precision-recall curve", ylim=(0, 1.02))
+    # Legends where no curve runs: bottom right of the ROC plot, middle of the PR plot.
+    roc_ax.legend(loc="lower right", fontsize=9)
+    pr_ax.legend(loc="center", bbox_to_anchor=(0.5, 0.72), fontsize=9)
+    for ax in (roc_ax, pr_ax):
+        ax.grid(alpha=0.3)
+    n_pos = int(y.sum())
+    text = (f"{n_pos} positives among {len(y)} images; the scores are the ranks (rank 0 = highest). "
+            f"A ranks its positives {rows[0]['positive_ranks']}, B {rows[1]['positive_ranks']}; "
+            "negatives fill the other ranks. Paper: A .999/.990, B .991/.354 (AUROC/AUPRC).")
+    fig.suptitle("Toy classifiers A and B: AUROC near 1 for both, AUPRC tells them apart\n"
+                 + "\n".join(textwrap.wrap(text + (f" {note}" if note else ""), 120)), fontsize=11)
+    table = pd.DataFrame(rows)
+    table.to_csv(out_dir / "summary.csv", index=False)
+    return table, save(fig, out_dir, "fig2")

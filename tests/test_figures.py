@@ -1,0 +1,119 @@
+"""Paper figures from fabricated summaries: what is drawn is the summary's numbers, with legend,
+axis labels and error bars."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.container import BarContainer, ErrorbarContainer
+
+from rethink_tl import figures
+from rethink_tl.errors import UserError
+from rethink_tl.report import design, gather, summarise
+from test_report import metric_values, write_run
+
+
+def fabricated_summary(tmp_path, figure, seeds=(0, 1, 2), values=None):
+    """The summary of a complete fabricated sweep of ``figure``'s design."""
+    rng = np.random.default_rng(0)
+    plan = design(figure)
+    for model in plan.models:
+        for init in plan.inits:
+            for fraction in plan.fractions:
+                for seed in seeds:
+                    v = values(model, init, fraction, seed) if values else metric_values(rng)
+                    write_run(tmp_path, model=model, init=init, fraction=fraction, seed=seed, values=v)
+    runs, _ = gather(tmp_path)
+    return summarise(runs), plan
+
+
+def bars(ax) -> list[BarContainer]:
+    return [c for c in ax.containers if isinstance(c, BarContainer)]
+
+
+def assert_readable(fig):
+    assert fig._suptitle is not None and fig._suptitle.get_text()
+    assert fig.legends or any(ax.get_legend() for ax in fig.axes)
+    for ax in fig.axes:
+        if ax.has_data():
+            assert ax.get_ylabel(), ax.get_title()
+
+
+@pytest.mark.parametrize("figure", ["fig3", "fig4", "fig6", "fig7"])
+def test_every_figure_draws_with_error_bars(tmp_path, figure):
+    summary, plan = fabricated_summary(tmp_path, figure)
+    fig = figures.FIGURES[figure](summary, plan.models, "a note")
+    assert_readable(fig)
+    assert "mean ± 1 sd over 3 seeds" in fig._suptitle.get_text() and "a note" in fig._suptitle.get_text()
+    assert all(any(isinstance(c, ErrorbarContainer) for c in ax.containers) for ax in fig.axes)
+    paths = figures.save(fig, tmp_path / "out", figure)
+    assert all(p.stat().st_size > 5_000 for p in paths)
+
+
+def test_fig3_bars_are_the_summary_means(tmp_path):
+    summary, plan = fabricated_summary(tmp_path, "fig3")
+    fig = figures.fig3(summary, plan.models)
+    ax = fig.axes[0]  # AUROC at 5 %
+    ri, tl = bars(ax)
+    assert [t.get_text() for t in ax.get_xticklabels()] == [figures.pretty(m) for m in plan.models]
+    at = summary[summary.fraction == 0.05].set_index(["model", "init"])
+    for drawn, init in ((ri, "random"), (tl, "pretrained")):
+        expected = [at.loc[(m, init), "test_auroc_mean"] for m in plan.models]
+        assert [b.get_height() for b in drawn] == pytest.approx(expected)
+
+
+def test_one_seed_has_no_error_bars_and_says_so(tmp_path):
+    summary, plan = fabricated_summary(tmp_path, "fig7", seeds=(0,))
+    fig = figures.fig7(summary, plan.models)
+    assert "1 seed per setting, so no error bars" in fig._suptitle.get_text()
+    assert all(len(bars(ax)) == 3 for ax in fig.axes)
+
+
+def test_fig5_picks_the_best_of_each_family_on_validation(tmp_path):
+    # Test scores favour res_t2 within the ResNet family, validation favours res_t4: the figure must
+    # follow validation. DenseNet121 TL has test AUROC 0.80 everywhere.
+    def values(model, init, fraction, seed):
+        test = {"dens_f": 0.80, "res_t2": 0.95, "res_t4": 0.85}.get(model, 0.7)
+        val = {"res_t4": 0.9, "res_t2": 0.6, "dens_t3": 0.9}.get(model, 0.5)
+        out = {}
+        for split, v in (("val", val), ("test", test)):
+            for metric in ("auroc", "auprc"):
+                out[f"{split}_{metric}"] = v
+                out.update({f"{split}_{metric}_{lab}": v for lab in ("opacity", "nodule")})
+        return out
+
+    summary, plan = fabricated_summary(tmp_path, "fig5", values=values)
+    fig = figures.fig5(summary, plan.models)
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["CBR: CBR-LargeT", "ResNet50: Res-T4", "DenseNet121: Dens-T3"]
+    resnet = bars(fig.axes[0])[1]
+    assert [b.get_height() for b in resnet] == pytest.approx([0.05, 0.05, 0.05])  # 0.85 - 0.80, per label and macro
+    without_reference = summary[summary.model != "dens_f"]
+    with pytest.raises(UserError, match="DenseNet121 TL"):
+        figures.fig5(without_reference, plan.models)
+
+
+def test_fig6_lines_end_at_densenet121(tmp_path):
+    summary, plan = fabricated_summary(tmp_path, "fig6")
+    fig = figures.fig6(summary, plan.models)
+    ax = fig.axes[0]  # AUROC at 5 %
+    full = summary[(summary.model == "dens_f") & (summary.fraction == 0.05)].test_auroc_mean.item()
+    truncated = summary.set_index(["model", "fraction"]).test_auroc_mean
+    lines = [c.lines[0] for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(lines) == 2
+    for line, prefix in zip(lines, ("dens_t", "dens_s")):
+        y = line.get_ydata()
+        assert y[-1] == pytest.approx(full)
+        assert list(y[:3]) == pytest.approx([truncated[(f"{prefix}{k}", 0.05)] for k in (1, 2, 3)])
+
+
+def test_fig2_toy_curves(tmp_path):
+    table, paths = figures.toy(tmp_path)
+    assert list(table.classifier) == ["A", "B"]
+    assert table.auprc[0] - table.auprc[1] > 0.6 and min(table.auroc) > 0.99
+    assert table.positive_ranks[0] == "0-8, 10" and table.positive_ranks[1] == "5, 8-9, 11-12, 14-17, 29"
+    assert all(p.is_file() for p in paths)
+    scores = pd.read_csv(tmp_path / "scores.csv")
+    # Rank r has score N - 1 - r: A's lowest-ranked positive (rank 10) scores 989.
+    assert scores[scores.y_true == 1].score_A.min() == 989
