@@ -103,3 +103,15 @@ def test_unwritable_output_folder(tmp_path):
     proc = rtl("train", *TINY, f"hydra.run.dir={blocker / 'run'}", cwd=tmp_path)
     assert_user_error(proc, "cannot write", "hydra.run.dir")
     assert blocker.read_text() == "not a folder"
+
+
+def test_a_failing_setting_does_not_cancel_the_rest_of_a_sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    # cbr_small refuses 32 px images; trunc runs. The sweep finishes trunc, then reports the failure.
+    proc = rtl("train", "-m", *TINY_DATA, "model=cbr_small,trunc", "train.epochs=1", f"hydra.sweep.dir={sweep}",
+               cwd=tmp_path)
+    assert_user_error(proc, "1 run(s) of the sweep failed", "at least 121 px")
+    assert proc.returncode == 2
+    assert len(list(sweep.rglob("results.csv"))) == 1
+    (error,) = sweep.rglob("error.txt")
+    assert "cbr_small" in error.parent.as_posix() and "121 px" in error.read_text()

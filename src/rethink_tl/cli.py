@@ -15,9 +15,11 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 
@@ -36,15 +38,31 @@ def _fail(message: str) -> None:
 def _train(cfg: DictConfig) -> float:
     from .train import run
 
-    out_dir = HydraConfig.get().runtime.output_dir
+    hc = HydraConfig.get()
+    out_dir = hc.runtime.output_dir
     try:
         row = run(cfg, out_dir)
     except Interrupted as err:
         print(f"rtl: {err}", file=sys.stderr)
         sys.exit(128 + err.signum)  # the shell convention for "ended by signal N"
     except UserError as err:
-        _fail(str(err))
+        if hc.mode != RunMode.MULTIRUN:
+            _fail(str(err))
+        # One bad setting must not cancel the rest of a long sweep: note it, go on, fail at the end.
+        logging.getLogger("rtl").error("run %s failed: %s", out_dir, err)
+        (Path(out_dir) / "error.txt").write_text(f"{err}\n")
+        _SWEEP_FAILURES.append(f"{out_dir}: {str(err).splitlines()[0]}")
+        return float("nan")
     return float(row["test_auprc"])
+
+
+_SWEEP_FAILURES: list[str] = []
+
+
+def _sweep_failed() -> None:
+    n = len(_SWEEP_FAILURES)
+    shown = "\n  ".join(_SWEEP_FAILURES[:10]) + ("\n  ..." if n > 10 else "")
+    _fail(f"{n} run(s) of the sweep failed (the others finished; their error.txt says why):\n  {shown}")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="bench")
@@ -92,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["HYDRA_FULL_ERROR"] = "1"
         try:
             _train() if command == "train" else _bench()
+            if _SWEEP_FAILURES:
+                _sweep_failed()
         except HydraException as err:
             _fail(str(err).strip())
         except OSError as err:
