@@ -169,3 +169,35 @@ def test_rerun_of_a_sweep_runs_only_what_is_missing(tmp_path):
     assert results[1].exists()
     assert results[0].stat().st_mtime_ns == stamps[results[0]]
     assert results[2].stat().st_mtime_ns == stamps[results[2]]
+
+
+# A launcher's own handler installed before rtl starts, as submitit installs its requeue handler for
+# USR2: it must run after rtl has saved, and the run must go on if it returns.
+EARLIER_HANDLER = """
+import os, signal, sys
+def launcher_handler(signum, frame):
+    print(f"launcher handler saw {signal.Signals(signum).name}; last.pt exists: "
+          f"{os.path.exists(sys.argv[-1].split('=', 1)[1] + '/last.pt')}", file=sys.stderr, flush=True)
+    if os.environ.get("RTL_TEST_REQUEUE"):
+        sys.exit(0)  # submitit requeues the job, then leaves
+signal.signal(signal.SIGUSR2, launcher_handler)
+"""
+
+
+@pytest.mark.parametrize("requeue", [False, True], ids=["handler-returns", "handler-exits"])
+def test_signal_is_handed_on_to_an_earlier_handler(tmp_path, reference, requeue, monkeypatch):
+    if requeue:
+        monkeypatch.setenv("RTL_TEST_REQUEUE", "1")
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, EARLIER_HANDLER)
+    wait_for_rows(proc, run_dir, 1)
+    proc.send_signal(signal.SIGUSR2)
+    out, err = proc.communicate(timeout=300)
+    assert "launcher handler saw SIGUSR2; last.pt exists: True" in err
+    assert "stopped by SIGUSR2" in out + err and "Traceback" not in err
+    if requeue:
+        assert proc.returncode == 0 and not (run_dir / "results.csv").exists()
+        finish(run_dir)  # the requeued job
+    else:
+        assert proc.returncode == 0 and (run_dir / "results.csv").exists()
+    assert_same_as_reference(run_dir, reference)
