@@ -39,7 +39,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 clean:
-	rm -rf runs multirun outputs demo_runs
+	rm -rf runs multirun outputs demo_runs bench_runs
 
 # ---- Paper figures ---------------------------------------------------------------------------------
 # One target per figure: its sweeps (Hydra multiruns; finished runs are skipped, interrupted ones
