@@ -129,3 +129,11 @@ def test_force_starts_over(tmp_path, tiny_cfg):
     again = run(tiny_cfg("train.epochs=2", "train.force=true"), tmp_path)
     assert again["epochs_run"] == 2 and first["epochs_run"] == 1
     assert list(pd.read_csv(tmp_path / "metrics.csv").epoch) == [1, 2]
+
+
+def test_early_stop_after_epochs_without_a_better_validation_auprc(tmp_path, tiny_cfg):
+    row = run(tiny_cfg("train.epochs=8", "train.early_stop=2", "train.lr=1e-9"), tmp_path)
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    best = int(metrics.val_auprc.idxmax()) + 1
+    assert row["best_epoch"] == best
+    assert row["epochs_run"] == len(metrics) == min(best + 2, 8)

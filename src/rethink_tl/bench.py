@@ -129,15 +129,14 @@ def naive(cfg, device, images, y, batch, size, warmup, workdir: Path) -> float:
         path = workdir / f"{i:05d}.png"
         Image.fromarray(img).resize((source, source), Image.BILINEAR).save(path)
         paths.append(path)
-    info_model = build_model(cfg.model, num_labels=y.shape[1])
+    model, optimizer = _fresh(cfg, y.shape[1], device, channels_last=False)
     tf = transforms.Compose([
         transforms.Resize(size), transforms.CenterCrop(size), transforms.RandomRotation(10),
-        transforms.ToTensor(), transforms.Normalize(info_model.info.mean, info_model.info.std),
+        transforms.ToTensor(), transforms.Normalize(model.info.mean, model.info.std),
     ])
     loader = DataLoader(_Files(paths, y, tf), batch_size=batch, shuffle=True,
                         num_workers=int(cfg.bench.naive_workers), pin_memory=device.type == "cuda",
                         drop_last=True)
-    model, optimizer = _fresh(cfg, y.shape[1], device, channels_last=False)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     model.train()
     seen, t0 = 0, None

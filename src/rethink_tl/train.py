@@ -284,10 +284,11 @@ def move_to_device(data, device: torch.device, max_share: float):
     return data
 
 
-def _should_stop(tc, stale: int, optimizer, history) -> bool:
+def _should_stop(tc, best_epoch: int, optimizer, history) -> bool:
     """The optional early stops (both off by default)."""
     if not history:
         return False
+    stale = history[-1]["epoch"] - best_epoch  # epochs since the best validation AUPRC
     if tc.get("early_stop", 0) and stale >= int(tc.early_stop):
         log.info("no better validation AUPRC for %d epochs: stopping early", stale)
         return True
@@ -374,12 +375,12 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     labels = dataset_labels(cfg.data)
     model = build_model(cfg.model, num_labels=len(labels))
     check_image_size(model, int(cfg.data.image_size))
-    init = apply_init(model, cfg.init)
-    log.info("init: %s", init.summary())
+    init = apply_init(model, cfg.init)  # logs what was loaded and what is new
     data = build_data(cfg.data)
     if data.label_names != labels:
         raise RuntimeError(f"dataset gave labels {data.label_names}, its config promised {labels}")
-    log.info("data %s, fingerprint %s", data.describe(), data.fingerprint())
+    fingerprint = data.fingerprint()
+    log.info("data %s, fingerprint %s", data.describe(), fingerprint)
     n_params = sum(p.numel() for p in model.parameters())
     memory_format = torch.channels_last if tc.get("channels_last", True) else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
@@ -434,11 +435,10 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
                          "scaler": precision.scaler.state_dict() if precision.scaler is not None else {}}, last_path)
 
     epochs = int(tc.epochs)
-    stale = sum(1 for row in history if row["epoch"] > best_epoch)
     show = bool(tc.get("progress", True))
     bar = tqdm(total=epochs, initial=progress.epoch - 1, desc=f"{info.name}/{init.strategy}", disable=not show)
     with GracefulStop() as stop:
-        while progress.epoch <= epochs and not _should_stop(tc, stale, optimizer, history):
+        while progress.epoch <= epochs and not _should_stop(tc, best_epoch, optimizer, history):
             epoch = progress.epoch
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
@@ -461,10 +461,8 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
                 scheduler.step(val_auprc)
             improved = not math.isnan(val_auprc) and val_auprc > best
             if improved:
-                best, best_epoch, stale = val_auprc, epoch, 0
+                best, best_epoch = val_auprc, epoch
                 checkpoint.save({"model": model.state_dict(), "epoch": epoch, "val_auprc": val_auprc}, best_path)
-            else:
-                stale += 1
             history.append({"epoch": epoch, "lr": lr, "train_loss": progress.loss_sum / max(progress.seen, 1),
                             **val.flat("val"), "seconds": round(time.perf_counter() - t0, 3),
                             "images_seen": progress.seen})
@@ -505,7 +503,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
         "image_size": int(data.train.images.shape[-1]), "batch_size": int(tc.batch_size), "lr": float(tc.lr),
         "train_seconds": round(train_seconds, 3),
         "images_per_s": round(images_seen / train_seconds, 2) if train_seconds > 0 else float("nan"),
-        "device": device_name(device), "precision": precision.name, "weights": init.source, "data_fingerprint": data.fingerprint(),
+        "device": device_name(device), "precision": precision.name, "weights": init.source, "data_fingerprint": fingerprint,
         "started": started, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(), **_versions(),
     })
