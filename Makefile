@@ -10,7 +10,7 @@ STAMP    := $(VENV)/.installed
 # network and two truncations, 10% of the synthetic training split, 64 px, 20 epochs.
 DEMO_DIR  ?= demo_runs
 DEMO_ARGS ?= data=synthetic data.image_size=64 data.num_samples=6000 data.fraction=0.1 \
-             train.epochs=20 train.lr=3e-4 train.batch_size=32 train.progress=false \
+             train.epochs=20 train.lr=3e-4 train.batch_size=32 runtime.progress=false \
              hydra.sweep.dir=$(DEMO_DIR)
 
 .PHONY: help install demo test clean
@@ -106,9 +106,9 @@ COVID_DATA    := data=synthetic data.num_samples=$(SMOKE_SAMPLES) data.prevalenc
 CHEXPERT_DATA := $(COVID_DATA)
 COVID_RUNS    := $(RUNS)/synthetic
 CHEXPERT_RUNS := $(RUNS)/synthetic
-PROFILE_ARGS  := train.epochs=$(SMOKE_EPOCHS) train.batch_size=16 train.lr=1e-3 train.seed=0 train.device=cpu \
-                 train.threads=$(SMOKE_THREADS) \
-                 train.progress=false
+PROFILE_ARGS  := train.epochs=$(SMOKE_EPOCHS) train.batch_size=16 train.lr=1e-3 train.seed=0 runtime.device=cpu \
+                 runtime.threads=$(SMOKE_THREADS) \
+                 runtime.progress=false
 DEEP_TL       := 'init.weights=$(abspath $(STANDIN))/$${model.name}.pth'
 CBR_TL        := $(DEEP_TL)
 NOTE          ?= smoke profile: synthetic data stands in for COVID-19 and CheXpert ($(SMOKE_SAMPLES) images, \

@@ -19,8 +19,8 @@ TINY_DATA = [
     "train.epochs=3",
     "train.batch_size=16",
     "train.lr=1e-3",
-    "train.progress=false",
-    "train.device=cpu",
+    "runtime.progress=false",
+    "runtime.device=cpu",
     "init=random",
 ]
 TINY = ["model=trunc", "model.cut=1", *TINY_DATA]

@@ -15,7 +15,7 @@ from datagen import make_chexpert, make_csv
 
 RTL = shutil.which("rtl") or os.path.join(os.path.dirname(sys.executable), "rtl")
 TINY = ["model=trunc", "model.cut=1", "data.image_size=32", "train.epochs=1", "train.batch_size=16",
-        "train.progress=false", "init=random", "train.device=cpu"]
+        "runtime.progress=false", "init=random", "runtime.device=cpu"]
 
 
 def rtl(tmp_path, *overrides):

@@ -15,6 +15,7 @@ from PIL import Image
 from rethink_tl.data import cache, images
 from rethink_tl.data.cache import load_images
 from rethink_tl.data.images import DECODE_ERRORS, ImageSpec, decode_image, header_channels
+from rethink_tl.config import ImageFilesData, typed
 from rethink_tl.errors import UserError
 
 from datagen import write_image
@@ -104,7 +105,7 @@ def make_files(folder, n=12, kinds=("png8", "png16", "jpeg")):
 
 
 def cfg(tmp_path, **kw):
-    return {"image_size": 24, "cache_dir": str(tmp_path / "cache"), **kw}
+    return typed(ImageFilesData, {"image_size": 24, "cache_dir": str(tmp_path / "cache"), **kw}, where="data")
 
 
 @pytest.fixture

@@ -24,8 +24,8 @@ def fabricated_summary(tmp_path, figure, seeds=(0, 1, 2), values=None):
                 for seed in seeds:
                     v = values(model, init, fraction, seed) if values else metric_values(rng)
                     write_run(tmp_path, model=model, init=init, fraction=fraction, seed=seed, values=v)
-    runs, _ = gather(tmp_path)
-    return summarise(runs), plan
+    found = gather(tmp_path)
+    return summarise(found.runs, found.settings), plan
 
 
 def bars(ax) -> list[BarContainer]:
@@ -106,6 +106,22 @@ def test_fig6_lines_end_at_densenet121(tmp_path):
         y = line.get_ydata()
         assert y[-1] == pytest.approx(full)
         assert list(y[:3]) == pytest.approx([truncated[(f"{prefix}{k}", 0.05)] for k in (1, 2, 3)])
+
+
+def test_several_settings_in_one_cell_are_refused_not_averaged(tmp_path):
+    summary, plan = fabricated_summary(tmp_path, "fig7", seeds=(0,))
+    write_run(tmp_path, model="dens_f", fraction=0.05, values=metric_values(np.random.default_rng(1)),
+              settings={"train.epochs": 50})
+    found = gather(tmp_path)
+    mixed = summarise(found.runs, found.settings)
+    assert len(mixed) == len(summary) + 1
+    cell = mixed[(mixed.model == "dens_f") & (mixed.fraction == 0.05)]
+    assert sorted(cell.settings) == ["train.epochs=3", "train.epochs=50"]
+    with pytest.raises(UserError, match=r"fig7 draws one bar .* 1 of them hold runs of several settings "
+                                        r"\(dens_f/pretrained/f0.05 has 2: train.epochs=3 \| train.epochs=50\)"):
+        figures.draw("fig7", mixed, tmp_path / "out", plan.models)
+    assert not (tmp_path / "out").exists()
+    assert figures.draw("fig7", summary, tmp_path / "out", plan.models)[0].is_file()
 
 
 def test_fig2_toy_curves(tmp_path):

@@ -13,7 +13,7 @@ import torch
 
 from conftest import TINY
 
-RUN = TINY + ["train.epochs=5", "data.num_samples=600", "train.threads=1"]
+RUN = TINY + ["train.epochs=5", "data.num_samples=600", "runtime.threads=1"]
 WITH_RESULTS = ("test_auroc", "test_auprc", "val_auprc", "best_epoch")
 
 # Runs the CLI in a fresh interpreter; PATCH (python source) may first install a fault.
@@ -92,7 +92,7 @@ def test_sigkill_at_random_points_then_resume(tmp_path, reference):
 # before the rename, or halfway through writing the temporary file.
 KILL_BEFORE_RENAME = """
 import os, signal
-import rethink_tl.checkpoint as ck
+import rethink_tl.atomic_io as ck
 real_replace = ck.os.replace
 calls = {"n": 0}
 def replace(src, dst):
@@ -106,17 +106,16 @@ ck.os.replace = replace
 
 KILL_MID_WRITE = """
 import os, signal
-import rethink_tl.checkpoint as ck
-real_save = ck.torch.save
+import rethink_tl.atomic_io as ck
+real_fsync = ck.os.fsync
 calls = {"n": 0}
-def save(obj, f, *a, **k):
+def fsync(fd):
     calls["n"] += 1
-    if calls["n"] == 4:
-        with open(f, "wb") as fh:
-            fh.write(b"PK\\x03\\x04 half a checkpoint")
+    if calls["n"] == 4:  # the fourth file written (a checkpoint), cut in half as a power cut would leave it
+        os.ftruncate(fd, os.fstat(fd).st_size // 2)
         os.kill(os.getpid(), signal.SIGKILL)
-    real_save(obj, f, *a, **k)
-ck.torch.save = save
+    real_fsync(fd)
+ck.os.fsync = fsync
 """
 
 
@@ -160,12 +159,14 @@ def test_rerun_of_a_sweep_runs_only_what_is_missing(tmp_path):
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0, first.stderr
     results = sorted(sweep.rglob("results.csv"))
-    assert [p.parent.name for p in results] == ["s0", "s1", "s2"]
+    names = [p.parent.name for p in results]
+    # One setting, three seeds: the seeds share the setting's hash.
+    assert [n.split("-")[0] for n in names] == ["s0", "s1", "s2"] and len({n.split("-")[1] for n in names}) == 1
     stamps = {p: p.stat().st_mtime_ns for p in results}
     results[1].unlink()
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert second.returncode == 0, second.stderr
-    assert (second.stdout + second.stderr).count("run already finished, skipping") == 2
+    assert (second.stdout + second.stderr).count("finished with the same settings, skipping") == 2
     assert results[1].exists()
     assert results[0].stat().st_mtime_ns == stamps[results[0]]
     assert results[2].stat().st_mtime_ns == stamps[results[2]]

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from rethink_tl.errors import UserError
 from rethink_tl.models import build_model
-from rethink_tl.train import Precision, maybe_compile, resolve_precision
+from rethink_tl.engine import Precision, maybe_compile, resolve_precision
 
 
 def model_and_input(name="dens_t1", **extra):
@@ -70,5 +70,5 @@ def test_precision_choices():
     assert resolve_precision("bf16", cpu).dtype is torch.bfloat16
     with pytest.raises(UserError, match="fp16 needs a CUDA device"):
         resolve_precision("fp16", cpu)
-    with pytest.raises(UserError, match="train.amp must be"):
+    with pytest.raises(UserError, match="runtime.amp must be"):
         resolve_precision("fp8", cpu)

@@ -82,5 +82,6 @@ def test_make_figures_smoke_profile(tmp_path):
     # Runs are shared: the 100 % CBR and DenseNet121 runs of fig3 served fig4, fig5 and fig7 as well.
     runs = list((out / "runs").rglob("results.csv"))
     assert len(runs) == 12
-    stand_in = pd.read_csv(out / "runs/synthetic/dens_f/pretrained/f1.0/s0/results.csv").weights[0]
+    (dens_f_tl,) = (out / "runs/synthetic/dens_f/pretrained/f1").glob("s0-*/results.csv")
+    stand_in = pd.read_csv(dens_f_tl).weights[0]
     assert "standin-weights/dens_f.pth" in stand_in

@@ -5,15 +5,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from rethink_tl import checkpoint
+from rethink_tl import atomic_io as checkpoint
 from rethink_tl.data import build_data
 from rethink_tl.models import build_model
-from rethink_tl.train import Batcher, evaluate, make_optimizer, run
+from rethink_tl.engine import Batcher, evaluate, make_optimizer
+from rethink_tl.train import run
 
 
 def test_plateau_halves_the_learning_rate():
     model = torch.nn.Linear(2, 1)
-    tc = OmegaConf.create({"lr": 1e-5, "lr_factor": 0.5, "patience": 2})
+    tc = OmegaConf.create({"lr": 1e-5, "lr_factor": 0.5, "patience": 2, "weight_decay": 0.0})
     opt, sched = make_optimizer(model, tc)
     lrs = []
     for auprc in [0.50, 0.60, 0.60, 0.60, 0.60, 0.61, 0.61, 0.61, 0.61]:
@@ -87,9 +88,27 @@ def test_fraction_is_stratified_and_independent_of_the_training_seed(tiny_cfg):
     assert other.train.ids != half.train.ids
 
 
+# A setting learnable by a wide margin on any CPU (issue 9: no test may depend on one seed's outcome). One label
+# (nodule: small dense spots), balanced classes, 2000 images at 48 px (1300 train, 500 test), model.cut=1,
+# lr 1e-2, 12 epochs, no augmentation: about 15-20 s on one CPU thread. Measured with runtime.threads=1 over
+# train.seed 0-4 x data.seed 0-2 (15 runs): test AUROC min 0.858, mean 0.881, max 0.915 (sd 0.015); the same
+# models before training 0.436-0.550, so training gains at least 0.311. Both asserts leave >= 0.15 of margin,
+# ten seed-to-seed standard deviations; the old setting (two labels, 600 images, cut 2, 6 epochs) gave 0.52-0.60.
+LEARNABLE = ("data.labels=[nodule]", "data.prevalence=0.5", "data.test_prevalence=0.5", "data.num_samples=2000",
+             "data.image_size=48", "model.cut=1", "train.epochs=12", "train.batch_size=32", "train.lr=1e-2",
+             "train.rotate_degrees=0", "train.scale_jitter=0")
+
+
 def test_learns_above_chance(tmp_path, tiny_cfg):
-    row = run(tiny_cfg("train.epochs=6", "data.num_samples=600", "data.image_size=48", "model.cut=2"), tmp_path)
-    assert row["test_auroc"] > 0.6 and not math.isnan(row["test_auprc"])
+    from rethink_tl.train import setup
+
+    cfg = tiny_cfg(*LEARNABLE)
+    untrained = setup(cfg)  # the model run() starts from: same seed, same data
+    before = evaluate(untrained.model, untrained.data.test, untrained.eval_batcher, 256, untrained.labels,
+                      "test").macro["auroc"]
+    row = run(cfg, tmp_path)
+    assert row["test_auroc"] > 0.70 and not math.isnan(row["test_auprc"]), (before, row["test_auroc"])
+    assert row["test_auroc"] - before > 0.15, (before, row["test_auroc"])
 
 
 def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_cfg,
@@ -97,12 +116,17 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_good_check
     import rethink_tl.train as train_module
     from rethink_tl.errors import UserError
 
-    run(tiny_cfg("train.epochs=2"), tmp_path)
-    before = checkpoint.load(tmp_path / "last.pt")
-    (tmp_path / "results.csv").unlink()
-
+    cfg = tiny_cfg("train.epochs=3")
+    steps_per_epoch = math.ceil(len(build_data(cfg.data).train) / cfg.train.batch_size)
     real = train_module.masked_bce
     calls = {"n": 0}
+    snapshots = {}
+    real_save = train_module.atomic_io.save
+
+    def remember(obj, path):  # the state after epoch 2, as last.pt held it
+        if path.name == "last.pt" and obj["progress"]["epoch"] == 3:
+            snapshots["epoch2"] = {k: v.clone() for k, v in obj["model"].items()}
+        real_save(obj, path)
 
     def poisoned(pos_weight):
         fn = real(pos_weight)
@@ -110,23 +134,24 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_good_check
         def loss(logits, y, m):
             calls["n"] += 1
             value = fn(logits, y, m)
-            return value * float("nan") if calls["n"] == 2 else value
+            return value * float("nan") if calls["n"] == 2 * steps_per_epoch + 2 else value
 
         return loss
 
+    monkeypatch.setattr(train_module.atomic_io, "save", remember)
     monkeypatch.setattr(train_module, "masked_bce", poisoned)
     with pytest.raises(UserError, match=r"NaN or infinite at epoch 3, step 2.*last.pt still holds"):
-        run(tiny_cfg("train.epochs=3"), tmp_path)
+        run(cfg, tmp_path)
     after = checkpoint.load(tmp_path / "last.pt")
     assert after["progress"]["epoch"] == 3 and after["progress"]["step"] == 0
-    for key, value in before["model"].items():
+    for key, value in snapshots["epoch2"].items():
         assert torch.equal(after["model"][key], value)
     assert len(pd.read_csv(tmp_path / "metrics.csv")) == 2
 
 
 def test_force_starts_over(tmp_path, tiny_cfg):
     first = run(tiny_cfg("train.epochs=1"), tmp_path)
-    again = run(tiny_cfg("train.epochs=2", "train.force=true"), tmp_path)
+    again = run(tiny_cfg("train.epochs=2", "runtime.force=true"), tmp_path)
     assert again["epochs_run"] == 2 and first["epochs_run"] == 1
     assert list(pd.read_csv(tmp_path / "metrics.csv").epoch) == [1, 2]
 

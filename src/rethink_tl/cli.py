@@ -23,6 +23,7 @@ from hydra.types import RunMode
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 
+from .config import MOVED_TO_RUNTIME
 from .errors import UserError
 from .preempt import Interrupted
 
@@ -32,6 +33,45 @@ USAGE = __doc__.split("\n\n")[1]
 def _fail(message: str) -> None:
     print(f"rtl: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def _hydra_message(err: Exception) -> str:
+    """Hydra's composition errors span several lines (what failed, a hint, the cause, full_key,
+    object_type) and the hint to append with ``+`` is wrong for our typed groups: keep the key and the cause."""
+    text, cause = str(err), err.__cause__
+    while cause is not None:  # "Error merging override ..." keeps the reason in the exception it wraps
+        text += "\n" + str(cause)
+        cause = cause.__cause__
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    for i, ln in enumerate(lines):
+        if ln.startswith("Available options"):  # an unknown group option: list the choices on the same line
+            choices = []
+            for option in lines[i + 1:]:
+                if option.startswith("Config search path"):
+                    break
+                if not option.startswith("base_"):  # the schemas (config.py) are not choices
+                    choices.append(option)
+            return f"{lines[0]}; {ln.rstrip(':').lower()}: {', '.join(choices)}"
+    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "")
+    cause = next((ln for ln in lines if ln.startswith(("Key '", "Value '", "Invalid value"))), "")
+    if key and cause:
+        return f"{key}: {cause}" + ("" if cause.startswith("Key") else
+                                    " (the types and choices of every key: rethink_tl/config.py)")
+    return lines[0] if lines else type(err).__name__
+
+
+def _moved_keys(args: list[str]) -> list[str]:
+    """``train.device=cuda`` (the SPEC's name, and what older command lines say) means ``runtime.device``."""
+    out = []
+    for arg in args:
+        for prefix in ("", "+", "++", "~"):
+            head = f"{prefix}train."
+            key = arg[len(head):].split("=", 1)[0]
+            if arg.startswith(head) and key in MOVED_TO_RUNTIME:
+                arg = f"{prefix}runtime.{arg[len(head):]}"
+                break
+        out.append(arg)
+    return out
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -89,10 +129,13 @@ def _report(argv: list[str]) -> None:
     parser.add_argument("--note", default="", help="a line added under the figure title, e.g. what a profile stands in for")
     args = parser.parse_args(argv)
     try:
-        table = report(args.dir, figure=args.figure, out=args.out, note=args.note)
+        done = report(args.dir, figure=args.figure, out=args.out, note=args.note)
     except UserError as err:
         _fail(str(err))
-    print(table)
+    print(done.text)
+    # The tables are written, but a script that goes on to use them must learn that runs are missing.
+    if done.problems:
+        _fail("; ".join(done.problems))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     warnings.simplefilter("once")
     logging.captureWarnings(True)
     if command in ("train", "bench"):
-        sys.argv = [f"rtl-{command}", *rest]  # Hydra reads its overrides from sys.argv
+        sys.argv = [f"rtl-{command}", *_moved_keys(rest)]  # Hydra reads its overrides from sys.argv
         # Let Hydra's own errors reach us, so they end as one message rather than a partial traceback.
         os.environ["HYDRA_FULL_ERROR"] = "1"
         try:
@@ -113,13 +156,17 @@ def main(argv: list[str] | None = None) -> None:
             if _SWEEP_FAILURES:
                 _sweep_failed()
         except HydraException as err:
-            _fail(str(err).strip())
+            _fail(_hydra_message(err))
         except OSError as err:
             where = f" {err.filename}" if err.filename else ""
             _fail(f"cannot write{where}: {err.strerror or err}; choose a writable output folder with "
                   "hydra.run.dir=... (or hydra.sweep.dir=... for -m)")
     elif command == "report":
-        _report(rest)
+        try:
+            _report(rest)
+        except OSError as err:
+            where = f" {err.filename}" if err.filename else ""
+            _fail(f"cannot write{where}: {err.strerror or err}; choose a writable folder with --out")
     else:
         _fail(f"unknown command '{command}': use one of train, report, bench (rtl --help)")
 

@@ -4,13 +4,16 @@
 
 Each ``figN(summary, models, note)`` takes the summary (one row per dataset x model x init x
 fraction, columns ``<split>_<metric>[_<label>]_mean`` / ``_std`` and ``n``) and returns a
-matplotlib Figure; ``save`` writes it as PNG and PDF. Error bars are one sample standard deviation
-over the seeds of a setting; a setting with one seed has none, and the subtitle says so.
+matplotlib Figure; ``draw`` refuses a summary with several settings in one such cell rather than
+average or pick among them (``one_setting_per_cell``); ``save`` writes it as PNG and PDF. Error bars
+are one sample standard deviation over the seeds of a setting; a setting with one seed has none, and
+the subtitle says so.
 fig2 needs no runs: ``toy`` draws the two classifiers of ``metrics.toy_classifiers``.
 """
 
 from __future__ import annotations
 
+import io
 import textwrap
 from pathlib import Path
 from typing import Callable
@@ -25,9 +28,10 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve  # noqa: E402
 
+from .atomic_io import write_bytes, write_csv  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .metrics import TOY_POSITIVE_RANKS, toy_classifiers  # noqa: E402
-from .report import label_names  # noqa: E402
+from .results import CELL, label_names, metric_column  # noqa: E402
 
 METRICS = {"auroc": "AUROC", "auprc": "AUPRC"}
 INIT_LABEL = {"random": "RI", "pretrained": "TL"}
@@ -64,7 +68,7 @@ def family(tag: str) -> str:
 
 def col(metric: str, label: str | None = None, split: str = "test") -> str:
     """Summary column prefix of a metric, macro (label None) or of one label."""
-    return f"{split}_{metric}" + (f"_{label}" if label else "")
+    return metric_column(split, metric, label)
 
 
 def ordered(present, order: list[str] | None) -> list[str]:
@@ -102,9 +106,20 @@ def save(fig: Figure, out_dir: str | Path, name: str) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
-    fig.savefig(paths[0], dpi=150)
-    fig.savefig(paths[1])
-    plt.close(fig)
+
+    def render(**kwargs):
+        def draw() -> bytes:
+            buf = io.BytesIO()
+            fig.savefig(buf, format=kwargs.pop("format"), **kwargs)
+            return buf.getvalue()
+
+        return draw
+
+    try:  # rendered in memory, then written atomically: a full disk never leaves half a figure
+        write_bytes(paths[0], render(format="png", dpi=150))
+        write_bytes(paths[1], render(format="pdf"))
+    finally:
+        plt.close(fig)
     return paths
 
 
@@ -191,7 +206,7 @@ def fig4(summary: pd.DataFrame, models: list[str] | None = None, note: str = "")
     summary = summary[summary["fraction"] == fraction]
     models = ordered(summary["model"], models)
     inits = _inits(summary)
-    labels = label_names(summary)
+    labels = label_names(summary.columns, "_mean")
     groups = [*labels, "macro mean"]
     width = 1.5 + 0.3 * len(groups) * max(len(inits), 1)
     fig, axes = plt.subplots(len(models), len(METRICS), figsize=(max(9.0, 2 * width), 1.0 + 2.6 * len(models)),
@@ -234,7 +249,7 @@ def fig5(summary: pd.DataFrame, models: list[str] | None = None, note: str = "")
         raise UserError("fig5 needs TL runs of at least one model besides DenseNet121")
     best = rivals.loc[rivals.groupby("family", sort=False)["val_auprc_mean"].idxmax()]
     best = best.set_index("model").loc[ordered(best["model"], models)]
-    labels = label_names(summary)
+    labels = label_names(summary.columns, "_mean")
     groups = [*labels, "macro mean"]
     legend = [f"{row.family}: {pretty(model)}" for model, row in best.iterrows()]
     fig, axes = plt.subplots(len(METRICS), 1, figsize=(max(8.0, 2.5 + 0.3 * len(groups) * len(best)), 8),
@@ -310,10 +325,29 @@ def fig7(summary: pd.DataFrame, models: list[str] | None = None, note: str = "")
 FIGURES: dict[str, Callable[..., Figure]] = {"fig3": fig3, "fig4": fig4, "fig5": fig5, "fig6": fig6, "fig7": fig7}
 
 
+def one_setting_per_cell(name: str, summary: pd.DataFrame) -> None:
+    """A figure has one bar (or point) per model x init x fraction. Where a cell holds several settings
+    (the summary's ``settings`` column tells them apart), averaging them or drawing one would misreport,
+    so the figure is refused, naming them."""
+    cells = [(key, sub) for key, sub in summary.groupby(CELL, dropna=False, sort=True) if len(sub) > 1]
+    if not cells:
+        return
+    parts = []
+    for (_, model, init, fraction), sub in cells[:5]:
+        labels = sub["settings"] if "settings" in sub.columns else sub.get("setting_id", pd.Series(dtype=str))
+        parts.append(f"{model}/{init}/f{fraction:g} has {len(sub)}: " + " | ".join(map(str, labels)))
+    more = f"; and {len(cells) - 5} more" if len(cells) > 5 else ""
+    raise UserError(f"{name} draws one bar per model x init x fraction, but {len(cells)} of them hold runs of "
+                    f"several settings ({'; '.join(parts)}{more}): move the run folders of the settings you do not "
+                    "want drawn out of the report's folder (a folder's name ends in its setting_id; summary.md "
+                    "lists every setting)")
+
+
 def draw(name: str, summary: pd.DataFrame, out_dir: str | Path, models: list[str] | None = None,
          note: str = "") -> list[Path]:
     if name not in FIGURES:
         raise UserError(f"no figure {name!r}: choose one of fig2, {', '.join(FIGURES)}")
+    one_setting_per_cell(name, summary)
     return save(FIGURES[name](summary, models, note), out_dir, name)
 
 
@@ -336,7 +370,7 @@ def toy(out_dir: str | Path, note: str = "") -> tuple[pd.DataFrame, list[Path]]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     listing = pd.DataFrame({"y_true": y, **{f"score_{k}": v for k, v in scores.items()}})
-    listing.to_csv(out_dir / "scores.csv", index=False)
+    write_csv(listing, out_dir / "scores.csv")
     rows = []
     fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(11, 5), layout="constrained")
     inset = roc_ax.inset_axes([0.42, 0.42, 0.53, 0.4])
@@ -372,5 +406,5 @@ def toy(out_dir: str | Path, note: str = "") -> tuple[pd.DataFrame, list[Path]]:
     fig.suptitle("Toy classifiers A and B: AUROC near 1 for both, AUPRC tells them apart\n"
                  + "\n".join(textwrap.wrap(text + (f" {note}" if note else ""), 120)), fontsize=11)
     table = pd.DataFrame(rows)
-    table.to_csv(out_dir / "summary.csv", index=False)
+    write_csv(table, out_dir / "summary.csv")
     return table, save(fig, out_dir, "fig2")

@@ -1,4 +1,4 @@
-"""``rtl report DIR``: every run below DIR -> summary.csv (mean, std, n over seeds), a Markdown table
+"""``rtl report DIR``: every run below DIR -> summary.csv (mean, sd, n over seeds), a Markdown table
 and, for a paper experiment, its figure.
 
     rtl report multirun                                   tables only, or the figure the runs were made for
@@ -9,109 +9,176 @@ Which figure: ``--figure``, else the ``experiment`` key that ``+experiment=figN`
 config (when all runs agree). With a figure, only the runs of that experiment's design count (its
 models x inits x fractions, read from ``conf/experiment/figN.yaml``): figures that share runs (fig3
 and fig7 both need CBR TL at 5/10/100 %) can then share one run directory and train each setting once.
+
+What a row is: the seeds of one setting, i.e. runs whose result-affecting settings are equal apart from
+``train.seed`` (equal ``setting_id``; runs older than identity.json are grouped by their model, init,
+fraction and the SAME_WITHIN_GROUP columns instead). Two settings of one model x init x fraction (an
+earlier sweep with other epochs under the same folder) are two rows, and the ``settings`` column names
+the keys that tell them apart. A seed found twice in one setting (a copied run folder) counts once.
+
+What the report will not do: average or pick silently. A run folder whose files cannot be read
+(a damaged results.csv, identity.json or config.yaml) is named with the reason on the terminal and in
+summary.md and left out; the tables are still written, and ``rtl report`` exits 2. A figure has one bar
+per model x init x fraction, so when a cell holds several settings the figure is refused (not drawn),
+with a message naming them; the tables, which show every setting, are written all the same.
 """
 
 from __future__ import annotations
 
 import importlib.resources
 import itertools
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from .checkpoint import write_csv
+from .atomic_io import write_bytes, write_csv
 from .errors import UserError
+from .results import (CELL, GROUP, HEADLINE, SAME_WITHIN_GROUP, BrokenRun, Run, is_metric, label_names, read_run,
+                      run_dirs)
 
-GROUP = ["dataset", "model", "init", "strategy", "fraction"]
-HEADLINE = ["test_auroc", "test_auprc", "val_auroc", "val_auprc"]
-# Settings that must agree among the seeds of one summary row; if they differ, the runs were made
-# with different configurations (an old sweep under the same directory) and the mean mixes them.
-SAME_WITHIN_GROUP = ["image_size", "lr", "batch_size", "n_train", "n_test"]
-SHOW = 10  # unfinished runs or missing settings named on the terminal; summary.md names them all
+SHOW = 10  # problem runs named on the terminal; summary.md names them all
+# Old results columns -> the identity key they stand for, so old and new runs label alike.
+LEGACY_KEYS = {"epochs": "train.epochs", "image_size": "data.image_size", "lr": "train.lr",
+               "batch_size": "train.batch_size"}
+# The axes a table or figure shows anyway: their differences need no settings label between cells
+# (n_train of old runs follows from the fraction).
+AXES = ("model.", "init.", "data.fraction", "data.name", "train.seed", "n_train")
 
 
 @dataclass
-class Run:
-    """What a run directory's config says about it; the key fields of a results row."""
+class Gathered:
+    """Every run directory below a root, sorted by what can be done with it."""
 
-    path: Path
-    experiment: str | None
-    dataset: str | None
-    model: str | None
-    init: str | None
-    fraction: float | None
-
-
-def _read_run(path: Path) -> Run:
-    """The run's identity from its resolved config (written by ``rtl train``) or Hydra's copy of it."""
-    for cfg_path in (path / "config.yaml", path / ".hydra" / "config.yaml"):
-        if not cfg_path.is_file():
-            continue
-        cfg = OmegaConf.load(cfg_path)
-
-        def get(key):
-            try:
-                return OmegaConf.select(cfg, key)
-            except OmegaConfBaseException:  # an interpolation that only resolved inside the job
-                return None
-
-        fraction = get("data.fraction")
-        return Run(path, get("experiment"), get("data.name"), get("model.tag") or get("model.name"),
-                   get("init.name"), None if fraction is None else float(fraction))
-    return Run(path, None, None, None, None, None)
+    runs: pd.DataFrame  # one row per finished run: its results row, run_dir (relative) and experiment
+    settings: dict[str, dict | None] = field(default_factory=dict)  # run_dir -> identity.json settings
+    unfinished: list[Run] = field(default_factory=list)
+    failed: list[Run] = field(default_factory=list)
+    broken: list[BrokenRun] = field(default_factory=list)
 
 
-def gather(root: str | Path) -> tuple[pd.DataFrame, list[Run]]:
-    """All results rows below ``root`` (with run_dir and experiment columns) and the runs that have not
-    finished: directories with a Hydra config, an epoch (metrics.csv) or a checkpoint but no results.csv."""
+def _rel(path: Path, root: Path) -> str:
+    return str(path.relative_to(root)) if path != root else "."
+
+
+def gather(root: str | Path) -> Gathered:
+    """Read every run directory below ``root``; a broken one is set aside, never fatal."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root} is not a directory: pass a run or sweep output directory")
+    out = Gathered(pd.DataFrame())
     rows = []
-    for res in sorted(root.rglob("results.csv")):
-        df = pd.read_csv(res)
-        df["run_dir"] = str(res.parent.relative_to(root))
-        df["experiment"] = _read_run(res.parent).experiment
-        rows.append(df)
-    markers = ("metrics.csv", "last.pt", ".hydra/config.yaml")
-    started = {p.parent.parent if p.parent.name == ".hydra" else p.parent
-               for m in markers for p in root.rglob(m)}
-    unfinished = [_read_run(d) for d in sorted(started) if not (d / "results.csv").is_file()]
-    if not rows:
-        raise UserError(f"no finished run (results.csv) below {root}"
-                        + (f"; {len(unfinished)} unfinished" if unfinished else ""))
-    return pd.concat(rows, ignore_index=True), unfinished
+    for path in run_dirs(root):
+        try:
+            run = read_run(path)
+        except BrokenRun as err:
+            out.broken.append(err)
+            continue
+        name = _rel(path, root)
+        if run.status == "finished":
+            rows.append({**run.row, "run_dir": name, "experiment": run.experiment})
+            out.settings[name] = run.settings
+        else:
+            (out.failed if run.status == "failed" else out.unfinished).append(run)
+    out.runs = pd.DataFrame(rows)
+    return out
 
 
-def summarise(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean, sample std (ddof=1; NaN for one seed) and n over seeds for every metric column, per
-    dataset x model x init x fraction (macro and per label)."""
-    metric_cols = [c for c in runs.columns if c.startswith(("val_au", "test_au"))]
-    grouped = runs.groupby(GROUP, sort=True, dropna=False)
+def _group_key(runs: pd.DataFrame) -> pd.Series:
+    """setting_id; for runs older than it, the columns that stood for it."""
+    legacy = [c for c in GROUP + SAME_WITHIN_GROUP if c in runs.columns]
+    ids = runs["setting_id"] if "setting_id" in runs.columns else pd.Series(None, index=runs.index, dtype=object)
+    old = runs[legacy].astype(str).agg("/".join, axis=1)
+    return ids.where(ids.notna() & (ids.astype(str) != ""), "old:" + old).astype(str)
+
+
+def drop_duplicate_seeds(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """One run per seed of a setting (the first by folder name), and a note naming each pair: the same
+    seed twice would count one run's numbers double."""
+    runs = runs.sort_values("run_dir", kind="stable").assign(_key=_group_key(runs))
+    dup = runs.duplicated(["_key", "seed"], keep="first")
+    notes = []
+    for _, r in runs[dup].iterrows():
+        kept = runs[(runs["_key"] == r["_key"]) & (runs["seed"] == r["seed"])].iloc[0]
+        notes.append(f"{kept.run_dir} and {r.run_dir} (counted: {kept.run_dir})")
+    return runs[~dup].drop(columns="_key"), notes
+
+
+def _setting_of(run_dirs: list[str], runs: pd.DataFrame, settings: dict[str, dict | None]) -> dict:
+    """The settings of one group: identity.json's (without the seed), else what its results row records."""
+    for d in run_dirs:
+        if settings.get(d):
+            return {k: v for k, v in settings[d].items() if k != "train.seed"}
+    row = runs[runs["run_dir"] == run_dirs[0]].iloc[0]
+    return {LEGACY_KEYS.get(c, c): row[c] for c in SAME_WITHIN_GROUP if c in row.index and pd.notna(row[c])}
+
+
+def _show(value) -> str:
+    if value is _ABSENT:
+        return "(absent)"
+    if isinstance(value, np.generic):  # old runs' settings come from a pandas row
+        value = value.item()
+    if isinstance(value, float):
+        return f"{value:g}"
+    # Compact JSON: a label is "k=v, k=v", so a list value must not contain ", ".
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+_ABSENT = object()
+
+
+def _differing(group_settings: list[dict], skip=()) -> list[str]:
+    keys = sorted({k for s in group_settings for k in s if not k.startswith(skip)})
+    return [k for k in keys if len({_show(s.get(k, _ABSENT)) for s in group_settings}) > 1]
+
+
+def setting_labels(summary: pd.DataFrame, group_settings: list[dict]) -> list[str]:
+    """Per summary row, ``key=value`` for the settings that tell it apart: those that differ from the other
+    settings of its cell (any key), and those that differ across the dataset's rows beyond the axes the
+    table shows anyway (a figure would otherwise compare bars trained differently without saying so)."""
+    keys: list[set[str]] = [set() for _ in range(len(summary))]
+    for by, skip in ((CELL, ()), (["dataset"], AXES)):
+        for idx in summary.groupby(by, dropna=False, sort=False).indices.values():
+            for k in _differing([group_settings[i] for i in idx], skip):
+                for i in idx:
+                    keys[i].add(k)
+    labels = []
+    for i, ks in enumerate(keys):
+        label = ", ".join(f"{k}={_show(group_settings[i].get(k, _ABSENT))}" for k in sorted(ks))
+        same_cell = summary[(summary[CELL] == summary.iloc[i][CELL]).all(axis=1)]
+        if not label and len(same_cell) > 1:  # different setting_ids with no settings on record to show
+            label = f"setting {summary.iloc[i]['setting_id']}"
+        labels.append(label)
+    return labels
+
+
+def summarise(runs: pd.DataFrame, settings: dict[str, dict | None] | None = None) -> pd.DataFrame:
+    """Mean, sample sd (ddof=1; NaN for one seed) and n over the seeds of each setting, for every metric
+    column (macro and per label). ``runs`` holds one run per seed of a setting (drop_duplicate_seeds)."""
+    runs = runs.assign(_key=_group_key(runs))
+    metric_cols = [c for c in runs.columns if is_metric(str(c))]
+    grouped = runs.groupby([*GROUP, "_key"], sort=True, dropna=False)
     out = grouped[metric_cols].agg(["mean", "std"])
     out.columns = [f"{col}_{stat}" for col, stat in out.columns]
     out.insert(0, "n", grouped.size())
     out.insert(1, "seeds", grouped["seed"].agg(lambda s: " ".join(str(int(v)) for v in sorted(s))))
     out.insert(2, "params", grouped["params"].first())
-    return out.reset_index()
+    dirs = grouped["run_dir"].agg(list) if "run_dir" in runs.columns else None
+    out = out.reset_index()
+    out.insert(len(GROUP), "setting_id", [k if not k.startswith("old:") else "" for k in out["_key"]])
+    group_settings = [_setting_of(d, runs, settings or {}) for d in dirs] if dirs is not None \
+        else [{} for _ in range(len(out))]
+    out.insert(len(GROUP), "settings", setting_labels(out, group_settings))
+    return out.drop(columns="_key").sort_values([*GROUP, "settings"], kind="stable", ignore_index=True)
 
 
-def mixed_settings(runs: pd.DataFrame) -> list[str]:
-    """Summary rows whose seeds were run with different settings (see SAME_WITHIN_GROUP)."""
-    cols = [c for c in SAME_WITHIN_GROUP if c in runs.columns]
-    if not cols:
-        return []
-    varying = runs.groupby(GROUP, dropna=False)[cols].nunique(dropna=False)
-    out = []
-    for key, row in varying.iterrows():
-        differ = [c for c in cols if row[c] > 1]
-        if differ:
-            out.append(f"{'/'.join(str(k) for k in key)}: runs differ in {', '.join(differ)}")
-    return out
+def settings_varying(summary: pd.DataFrame) -> list[str]:
+    """The setting keys that the settings column shows, i.e. that differ between rows."""
+    keys = {part.split("=", 1)[0] for label in summary["settings"] for part in str(label).split(", ") if "=" in part}
+    return sorted(keys)
 
 
 def _fmt(mean: float, std: float) -> str:
@@ -120,31 +187,32 @@ def _fmt(mean: float, std: float) -> str:
     return f"{mean:.3f}" if np.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
 
+def _with_settings(summary: pd.DataFrame) -> bool:
+    return "settings" in summary.columns and summary["settings"].astype(str).str.len().gt(0).any()
+
+
 def markdown(summary: pd.DataFrame) -> str:
-    head = "| dataset | model | init | strategy | fraction | n | params | test AUROC | test AUPRC | val AUROC | val AUPRC |"
+    show = _with_settings(summary)
+    head = ("| dataset | model | init | strategy | fraction | " + ("settings | " if show else "")
+            + "n | params | test AUROC | test AUPRC | val AUROC | val AUPRC |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for _, r in summary.iterrows():
-        lines.append(f"| {r.dataset} | {r.model} | {r.init} | {r.strategy} | {r.fraction:g} | {r.n} | "
-                     f"{r.params / 1e6:.2f}M | "
+        lines.append(f"| {r.dataset} | {r.model} | {r.init} | {r.strategy} | {r.fraction:g} | "
+                     + (f"{r.settings} | " if show else "") + f"{r.n} | {r.params / 1e6:.2f}M | "
                      + " | ".join(_fmt(r[f'{c}_mean'], r[f'{c}_std']) for c in HEADLINE) + " |")
     return "\n".join(lines)
 
 
-def label_names(summary: pd.DataFrame) -> list[str]:
-    """The labels of a summary, in column order: ``test_auroc_<label>_mean`` -> label."""
-    head, tail = "test_auroc_", "_mean"
-    return [c[len(head):-len(tail)] for c in summary.columns
-            if c.startswith(head) and c.endswith(tail) and c != "test_auroc_mean"]
-
-
 def markdown_per_label(summary: pd.DataFrame, metric: str) -> str:
     """Test ``metric`` per label, one column per label: the numbers behind per-pathology figures."""
-    labels = label_names(summary)
-    head = "| model | init | fraction | " + " | ".join(labels) + " |"
+    labels = label_names(summary.columns, "_mean")
+    show = _with_settings(summary)
+    head = "| model | init | fraction | " + ("settings | " if show else "") + " | ".join(labels) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for _, r in summary.iterrows():
         cells = [_fmt(r[f"test_{metric}_{lab}_mean"], r[f"test_{metric}_{lab}_std"]) for lab in labels]
-        lines.append(f"| {r.model} | {r.init} | {r.fraction:g} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r.model} | {r.init} | {r.fraction:g} | " + (f"{r.settings} | " if show else "")
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -226,72 +294,120 @@ def _which_figure(runs: pd.DataFrame) -> tuple[str | None, str]:
 
 # --- the report ----------------------------------------------------------------------------------
 
-def report(root: str | Path, figure: str | None = None, out: str | Path | None = None, note: str = "") -> str:
+@dataclass
+class Report:
+    """What ``report`` printed, and why it is incomplete (the CLI exits 2 when ``problems`` is not empty)."""
+
+    text: str
+    problems: list[str] = field(default_factory=list)
+
+
+def _toy(out: Path, note: str) -> Report:
+    from .figures import toy
+
+    table, paths = toy(out, note)
+    lines = ["toy example (paper Fig. 2): 10 positives, 990 negatives, scores = ranks",
+             "| classifier | AUROC | AUPRC | ranks of the 10 positives |", "|---|---|---|---|"]
+    lines += [f"| {r.classifier} | {r.auroc:.4f} | {r.auprc:.3f} | {r.positive_ranks} |" for r in table.itertuples()]
+    lines.append("figure: " + ", ".join(str(p) for p in paths))
+    return Report("\n".join(lines))
+
+
+def _broken_items(broken: list[BrokenRun], root: Path) -> list[str]:
+    return [f"{_rel(b.path, root)} ({b.reason})" for b in broken]
+
+
+def report(root: str | Path, figure: str | None = None, out: str | Path | None = None, note: str = "") -> Report:
     """Write summary.csv, summary.md and (for a paper experiment) the figure into ``out`` (default
-    ``root``); return the text to print."""
+    ``root``); return the text to print and what was left out."""
     root = Path(root)
     out = Path(out) if out is not None else root
     if figure == "fig2":
-        from .figures import toy
+        return _toy(out, note)
 
-        table, paths = toy(out, note)
-        lines = ["toy example (paper Fig. 2): 10 positives, 990 negatives, scores = ranks",
-                 "| classifier | AUROC | AUPRC | ranks of the 10 positives |", "|---|---|---|---|"]
-        lines += [f"| {r.classifier} | {r.auroc:.4f} | {r.auprc:.3f} | {r.positive_ranks} |"
-                  for r in table.itertuples()]
-        lines.append("figure: " + ", ".join(str(p) for p in paths))
-        return "\n".join(lines)
-
-    runs, unfinished = gather(root)
-    notes = []
-    if figure is None:
+    found = gather(root)
+    runs, unfinished, failed, broken = found.runs, found.unfinished, found.failed, found.broken
+    notes: list[tuple[str, list[str]]] = []  # (head, items): summary.md lists every item, the terminal SHOW
+    if figure is None and not runs.empty:
         figure, why_not = _which_figure(runs)
-        notes += [why_not] if why_not else []
+        notes += [(why_not, [])] if why_not else []
     plan = design(figure) if figure else None
     if plan is not None:
-        keep = np.array([plan.contains(m, i, f) for m, i, f in zip(runs["model"], runs["init"], runs["fraction"])])
-        if not keep.all():
-            notes.append(f"{int((~keep).sum())} finished runs below {root} are outside {figure}'s design "
-                         f"(models x inits x fractions of conf/experiment/{figure}.yaml) and left out")
-        runs = runs[keep]
-        unfinished = [u for u in unfinished if plan.contains(u.model, u.init, u.fraction)]
-        if runs.empty:
-            raise UserError(f"no finished run of {figure}'s design below {root}: models {', '.join(plan.models)}; "
-                            f"inits {', '.join(plan.inits)}; fractions {', '.join(f'{f:g}' for f in plan.fractions)}")
+        if not runs.empty:
+            keep = np.array([plan.contains(m, i, f) for m, i, f in zip(runs["model"], runs["init"], runs["fraction"])])
+            if not keep.all():
+                notes.append((f"{int((~keep).sum())} finished runs below {root} are outside {figure}'s design "
+                              f"(models x inits x fractions of conf/experiment/{figure}.yaml) and left out", []))
+            runs = runs[keep]
+        # A run of another figure's design is not this report's business; one whose setting cannot be
+        # told (its config is the damaged file) might be this figure's, so it is named.
+        unfinished = [u for u in unfinished if plan.contains(*u.where[1:])]
+        failed = [u for u in failed if u.where[1] is None or plan.contains(*u.where[1:])]
+        broken = [b for b in broken if b.where[1] is None or plan.contains(*b.where[1:])]
+    if runs.empty:
+        counts = [f"{len(x)} {what}" for x, what in ((unfinished, "unfinished"), (failed, "failed"),
+                                                    (broken, "broken")) if x]
+        where = f"of {figure}'s design " if plan is not None else ""
+        axes = (f": models {', '.join(plan.models)}; inits {', '.join(plan.inits)}; fractions "
+                f"{', '.join(f'{f:g}' for f in plan.fractions)}") if plan is not None else ""
+        why = f"; broken: {'; '.join(_broken_items(broken, root)[:SHOW])}" if broken else ""
+        raise UserError(f"no finished run {where}(results.csv) below {root}{axes}"
+                        + (f"; {', '.join(counts)}" if counts else "") + why)
+    if plan is not None:
         datasets = sorted(runs["dataset"].astype(str).unique())
         if len(datasets) > 1:
             raise UserError(f"{figure} draws one dataset but {root} holds runs of {', '.join(datasets)}: "
                             f"point rtl report at {root}/<dataset>")
-    summary = summarise(runs)
+
+    runs, duplicates = drop_duplicate_seeds(runs)
+    summary = summarise(runs, found.settings)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(summary, out / "summary.csv")
 
     tables = [markdown(summary)]
-    if len(label_names(summary)) > 1:
+    if len(label_names(summary.columns, "_mean")) > 1:
         for metric, name in (("auroc", "AUROC"), ("auprc", "AUPRC")):
             tables.append(f"\ntest {name} per label (mean ± sd over seeds)\n\n" + markdown_per_label(summary, metric))
 
-    # Each note is (head, items): summary.md lists every item, the terminal the first SHOW of them.
+    problems = []
+    names = [_rel(u.path, root) for u in unfinished]
     done = f"{len(runs)} finished runs in {len(summary)} settings"
-    names = [str(u.path.relative_to(root)) for u in unfinished]
-    notes_with_items = [(done + (f"; {len(names)} unfinished (no results.csv): " if names else ""), names)]
-    notes_with_items += [(n, []) for n in notes]
-    notes_with_items += [(f"mixed settings in {m}", []) for m in mixed_settings(runs)]
+    notes.insert(0, (done + (f"; {len(names)} unfinished (no results.csv): " if names else ""), names))
+    if broken:
+        head = f"WARNING: {len(broken)} run director{'y' if len(broken) == 1 else 'ies'} left out, their files broken: "
+        notes.insert(0, (head, _broken_items(broken, root)))
+        shown = ", ".join(_rel(b.path, root) for b in broken[:SHOW]) + (", ..." if len(broken) > SHOW else "")
+        problems.append(f"{len(broken)} run director{'y' if len(broken) == 1 else 'ies'} below {root} left out of "
+                        f"the report as broken (named above and in summary.md): {shown}")
+    if failed:
+        notes.append((f"{len(failed)} failed (error.txt): ", [f"{_rel(u.path, root)}: {u.error}" for u in failed]))
+    if duplicates:
+        notes.append((f"WARNING: {len(duplicates)} seed(s) found twice in one setting, each counted once: ",
+                      duplicates))
+    varying = settings_varying(summary)
+    if varying:
+        notes.append((f"rows differ in settings beyond model, init and fraction: {', '.join(varying)} "
+                      "(the settings column says which row has which)", []))
     if plan is not None:
         have = {(m, i, round(f, 6)) for m, i, f in zip(summary["model"], summary["init"], summary["fraction"])}
         absent = [f"{m}/{i}/f{f:g}" for m, i, f in plan.cells() if (m, i, round(f, 6)) not in have]
-        notes_with_items.append((f"{figure} design: {len(plan.cells())} settings, {len(plan.cells()) - len(absent)} "
-                                 f"with finished runs" + ("; none yet for " if absent else ""), absent))
-        paths = draw_figure(figure, summary, out, plan.models, note)
-        notes_with_items.append(("figure: " + ", ".join(str(p) for p in paths), []))
+        notes.append((f"{figure} design: {len(plan.cells())} settings, {len(plan.cells()) - len(absent)} "
+                      f"with finished runs" + ("; none yet for " if absent else ""), absent))
+        fig_note = "; ".join(x for x in (note, f"bars differ in {', '.join(varying)}" if varying else "") if x)
+        try:
+            paths = draw_figure(figure, summary, out, plan.models, fig_note)
+            notes.append(("figure: " + ", ".join(str(p) for p in paths), []))
+        except UserError as err:
+            notes.append((f"WARNING: {figure} not drawn: {err}", []))
+            problems.append(f"{figure} not drawn (the tables are written): {err}")
 
     def short(items: list[str]) -> str:
         more = len(items) - SHOW
         return ", ".join(items[:SHOW]) + (f" and {more} more (all in summary.md)" if more > 0 else "")
 
-    (out / "summary.md").write_text("\n".join(tables) + "\n\n"
-                                    + "\n\n".join(h + ", ".join(items) for h, items in notes_with_items) + "\n")
-    return "\n".join(tables) + "\n\n" + "\n".join(h + short(items) for h, items in notes_with_items)
+    write_bytes(out / "summary.md", ("\n".join(tables) + "\n\n"
+                                     + "\n\n".join(h + ", ".join(items) for h, items in notes) + "\n").encode())
+    return Report("\n".join(tables) + "\n\n" + "\n".join(h + short(items) for h, items in notes), problems)
 
 
 def draw_figure(figure: str, summary: pd.DataFrame, out: Path, models: list[str], note: str) -> list[Path]:

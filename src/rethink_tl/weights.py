@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import timm
 import torch
 import torchvision
+from omegaconf import OmegaConf
 from torch import nn
 
 from .errors import UserError
@@ -79,16 +80,21 @@ class InitReport:
 
 def apply_init(model: Classifier, init_cfg: Mapping[str, Any]) -> InitReport:
     """Initialise ``model`` as ``init_cfg`` says (keys: name, weights, download) and report what happened."""
-    init_name = init_cfg.get("name")
+    from .config import InitConfig, typed
+
+    init_cfg = typed(InitConfig, init_cfg, where="init")
+    if OmegaConf.is_missing(init_cfg, "name"):
+        raise UserError("no init given: choose init=random or init=pretrained")
+    init_name = str(init_cfg.name)
     info = model.info
     strategy = strategy_for(info.kind, init_name)
-    weights = init_cfg.get("weights")
+    weights = init_cfg.weights
     if init_name == "random":
         if weights:
             log.warning("init=random ignores init.weights=%s", weights)
         report = InitReport(strategy, "random", [], _fresh_modules(model, set()))
     else:
-        state, source = _source_state_dict(model, weights, bool(init_cfg.get("download", True)))
+        state, source = _source_state_dict(model, weights, bool(init_cfg.download))
         loaded = _copy_into_trunk(model, state)
         report = InitReport(strategy, source, loaded, _fresh_modules(model, {f"trunk.{k}" for k in loaded}))
     log.info("%s", report.summary())

@@ -30,7 +30,7 @@ def register_dataset(name: str, labels: Callable[[Mapping], list[str]]):
 def _lookup(cfg: Mapping):
     from . import chexpert, csvlist, medmnist, synthetic_data  # noqa: F401  (register the built-in datasets)
 
-    name = cfg.get("kind") or cfg["name"]
+    name = cfg.kind or cfg["name"]
     if name not in DATASETS:
         raise UserError(f"unknown dataset '{name}': choose one of {', '.join(sorted(DATASETS))}")
     return DATASETS[name]
@@ -49,7 +49,7 @@ def build_data(cfg: Mapping) -> DataBundle:
         if len(split) == 0:
             raise UserError(f"dataset '{name}': the {split_name} split is empty; check the data paths and split settings")
     bundle.train = stratified_fraction(
-        bundle.train, float(cfg.get("fraction", 1.0)), int(cfg.get("subset_seed", 0)), bundle.label_names
+        bundle.train, float(cfg.fraction), int(cfg.subset_seed), bundle.label_names
     )
     return bundle
 

@@ -92,13 +92,13 @@ def image_spec(cfg) -> tuple[ImageSpec, str]:
     size = int(cfg["image_size"])
     if size < 8:
         raise UserError(f"data.image_size must be at least 8 pixels, got {size}")
-    resize = str(cfg.get("resize", "pad"))
+    resize = str(cfg.resize)
     if resize not in RESIZE_MODES:
         raise UserError(f"data.resize must be one of {', '.join(RESIZE_MODES)}, got {resize}")
-    rescale16 = str(cfg.get("rescale16", "minmax"))
+    rescale16 = str(cfg.rescale16)
     if rescale16 not in RESCALE16_MODES:
         raise UserError(f"data.rescale16 must be one of {', '.join(RESCALE16_MODES)}, got {rescale16}")
-    channels = str(cfg.get("channels", "auto"))
+    channels = str(cfg.channels)
     if channels not in ("auto", "1", "3"):
         raise UserError(f"data.channels must be auto, 1 or 3, got {channels}")
     return ImageSpec(size=size, resize=resize, channels=1 if channels == "auto" else int(channels),
@@ -181,10 +181,10 @@ def load_images(paths: Sequence[str], cfg, *, label: str, anchor: str | os.PathL
     folder the default cache lives next to.
     """
     spec, channel_setting = image_spec(cfg)
-    on_bad = str(cfg.get("on_bad_image", "error"))
+    on_bad = str(cfg.on_bad_image)
     if on_bad not in BAD_IMAGE_POLICIES:
         raise UserError(f"data.on_bad_image must be error or skip, got {on_bad}")
-    workers = int(cfg.get("workers") or min(32, os.cpu_count() or 1))
+    workers = int(cfg.workers or min(32, os.cpu_count() or 1))
     codes, uniques = pd.factorize(pd.Series([os.path.abspath(p) for p in paths], dtype=object))
     files = [str(p) for p in uniques]
     if not files:
@@ -196,10 +196,10 @@ def load_images(paths: Sequence[str], cfg, *, label: str, anchor: str | os.PathL
         raise UserError(f"{label}: none of the {len(files)} image files exists or can be read (first: {files[0]}, "
                         f"{stats[0]}): check data.root / the paths in the CSV")
 
-    use_cache = bool(cfg.get("cache", True))
+    use_cache = bool(cfg.cache)
     entry = None
     if use_cache:
-        root = Path(cfg["cache_dir"]).expanduser() if cfg.get("cache_dir") else default_cache_dir(anchor)
+        root = Path(cfg["cache_dir"]).expanduser() if cfg.cache_dir else default_cache_dir(anchor)
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -275,6 +275,10 @@ def _decode_all(files, stats, spec, setting, workers, out_path: Path | None, reu
             arr = np.zeros(shape, dtype=np.uint8)
         else:
             arr = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.uint8, shape=shape)
+            # The memmap file is sparse: on a full disk, writing its pages would kill the process with
+            # SIGBUS. Reserving the blocks now turns that into an ENOSPC error here, before any decoding.
+            with open(out_path, "r+b") as fh:
+                os.posix_fallocate(fh.fileno(), 0, os.path.getsize(out_path))
         reasons = [s if isinstance(s, str) else header_bad.get(i, "") for i, s in enumerate(stats)]
         done = reuse(arr, spec.channels) if reuse else set()
         todo = [i for i, r in enumerate(reasons) if not r and i not in done]
@@ -355,6 +359,11 @@ def _build(entry: Path, prefix: str, files, stats, spec, setting, workers, exclu
                 raise
             # Another builder (one without the lock) got there first; its entry is equivalent.
             shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not write the image cache in {root}: {err.strerror or err}; free some disk space, "
+                        "point data.cache_dir at a folder with room, or decode without a cache (data.cache=false); "
+                        "existing cache entries are intact") from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -46,7 +46,7 @@ _PATIENT = re.compile(r"(patient\d+)")
 
 
 def chexpert_labels(cfg: Mapping) -> list[str]:
-    chosen = cfg.get("labels") or "paper13"
+    chosen = cfg.labels or "paper13"
     if isinstance(chosen, str):
         if chosen not in LABEL_SETS:
             raise UserError(f"data.labels for chexpert must be one of {', '.join(LABEL_SETS)} or a list of "
@@ -61,7 +61,7 @@ def chexpert_labels(cfg: Mapping) -> list[str]:
 
 
 def _root(cfg: Mapping) -> Path:
-    if not cfg.get("root"):
+    if not cfg.root:
         raise UserError("data.root is not set: point it at the folder that holds train.csv and valid.csv "
                         "(CheXpert-v1.0-small or CheXpert-v1.0)")
     root = Path(str(cfg["root"])).expanduser().resolve()
@@ -94,11 +94,11 @@ def _patients(rel_paths: list[str]) -> list[str]:
 def _read(root: Path, name: str, labels: list[str], cfg: Mapping):
     source = str(root / name)
     df = read_table(root / name, "data=chexpert")
-    frontal_only = bool(cfg.get("frontal_only", True))
+    frontal_only = bool(cfg.frontal_only)
     require_columns(df, ["Path", *labels, *([_VIEW] if frontal_only else [])], source)
     if frontal_only:
         df = df[df[_VIEW].str.strip().str.lower() == "frontal"].reset_index(drop=True)
-    y, mask = parse_labels(df, labels, str(cfg.get("uncertain", "ones")), source)
+    y, mask = parse_labels(df, labels, str(cfg.uncertain), source)
     rel = df["Path"].str.strip().tolist()
     return rel, y, mask
 
@@ -108,10 +108,10 @@ def build_chexpert(cfg: Mapping) -> DataBundle:
     labels = chexpert_labels(cfg)
     root = _root(cfg)
     rel, y, mask = _read(root, "train.csv", labels, cfg)
-    seed = int(cfg.get("split_seed", 0))
-    val_share = float(cfg.get("val_share", 0.1))
+    seed = int(cfg.split_seed)
+    val_share = float(cfg.val_share)
     groups = _patients(rel)
-    if cfg.get("use_official_valid", False):
+    if cfg.use_official_valid:
         parts = patient_split(groups, 0.0, val_share, seed)
         v_rel, v_y, v_mask = _read(root, "valid.csv", labels, cfg)
         shared = set(groups) & set(_patients(v_rel))
@@ -120,10 +120,10 @@ def build_chexpert(cfg: Mapping) -> DataBundle:
         parts["test"] = np.arange(len(rel), len(rel) + len(v_rel))
         rel, y, mask = rel + v_rel, np.concatenate([y, v_y]), np.concatenate([mask, v_mask])
     else:
-        parts = patient_split(groups, float(cfg.get("test_share", 0.2)), val_share, seed)
+        parts = patient_split(groups, float(cfg.test_share), val_share, seed)
     check_splits(parts, f"data=chexpert ({root})",
                  "check data.root, data.frontal_only and data.val_share / data.test_share (too few patients?)")
     resolve = _resolver(root, rel)
     paths = [str(resolve(p)) for p in rel]
-    return assemble(str(cfg.get("name", "chexpert")), labels, paths, rel, y, mask, parts, cfg, anchor=root,
+    return assemble(str(cfg.name), labels, paths, rel, y, mask, parts, cfg, anchor=root,
                     cache_label="chexpert")

@@ -32,19 +32,19 @@ _PATIENT_GUESSES = ("patient_id", "patient", "patientid", "subject_id", "subject
 
 
 def _csv_path(cfg: Mapping) -> Path:
-    if not cfg.get("csv"):
+    if not cfg.csv:
         raise UserError("data.csv is not set: give the CSV that lists the images (data.csv=PATH)")
     return Path(str(cfg["csv"])).expanduser().resolve()
 
 
 def _columns(cfg: Mapping, df: pd.DataFrame) -> tuple[str, str | None, str]:
     """(path column, patient column or None, date column) as they are named in this CSV."""
-    path_col = str(cfg.get("path_column", "path"))
-    patient_col = cfg.get("patient_column")
+    path_col = str(cfg.path_column)
+    patient_col = cfg.patient_column
     if patient_col is None:
         lower = {c.lower(): c for c in df.columns}
         patient_col = next((lower[g] for g in _PATIENT_GUESSES if g in lower), None)
-    return path_col, (str(patient_col) if patient_col is not None else None), str(cfg.get("date_column", "date"))
+    return path_col, (str(patient_col) if patient_col is not None else None), str(cfg.date_column)
 
 
 def csv_labels(cfg: Mapping, df: pd.DataFrame | None = None) -> list[str]:
@@ -52,7 +52,7 @@ def csv_labels(cfg: Mapping, df: pd.DataFrame | None = None) -> list[str]:
     all 1 / 0 / -1 / blank. Reads the CSV only, never an image."""
     path = _csv_path(cfg)
     df = read_table(path, "data.csv") if df is None else df
-    chosen = cfg.get("labels")
+    chosen = cfg.labels
     if chosen is not None:
         chosen = [chosen] if isinstance(chosen, str) else [str(c) for c in chosen]
         if not chosen or len(set(chosen)) != len(chosen):
@@ -94,17 +94,17 @@ def build_csv(cfg: Mapping) -> DataBundle:
     empty = np.flatnonzero(rel.eq("").to_numpy())
     if len(empty):
         raise UserError(f"{path}: {len(empty)} rows have no image path: {_rows(df, empty, path_col)}")
-    base = Path(str(cfg["root"])).expanduser().resolve() if cfg.get("root") else path.parent
+    base = Path(str(cfg["root"])).expanduser().resolve() if cfg.root else path.parent
     paths = [str(base / p) for p in rel]  # an absolute p replaces base
-    y, mask = parse_labels(df, labels, str(cfg.get("uncertain", "ones")), str(path))
+    y, mask = parse_labels(df, labels, str(cfg.uncertain), str(path))
     if patient_col:
         groups = df[patient_col].str.strip().to_numpy(dtype=object)
     else:
         log.info("data.csv: no patient column, so every image counts as its own patient")
         groups = np.array([f"row{i}" for i in range(len(df))], dtype=object)
-    seed = int(cfg.get("split_seed", 0))
-    val_share = float(cfg.get("val_share", 0.2))
-    cutoff = cfg.get("cutoff_date")
+    seed = int(cfg.split_seed)
+    val_share = float(cfg.val_share)
+    cutoff = cfg.cutoff_date
     if cutoff is not None and str(cutoff).strip():
         require_columns(df, [date_col], str(path), " (needed by data.cutoff_date; set data.date_column)")
         try:
@@ -123,8 +123,8 @@ def build_csv(cfg: Mapping) -> DataBundle:
         hint = (f"data.cutoff_date={cut.date()} but the images date from {dates.min().date()} to "
                 f"{dates.max().date()}")
     else:
-        parts = patient_split(groups, float(cfg.get("test_share", 0.2)), val_share, seed)
+        parts = patient_split(groups, float(cfg.test_share), val_share, seed)
         hint = f"{len(set(groups))} patients are too few for data.val_share / data.test_share"
     check_splits(parts, str(path), hint)
-    return assemble(str(cfg.get("name", "csv")), labels, paths, rel.tolist(), y, mask, parts, cfg,
+    return assemble(str(cfg.name), labels, paths, rel.tolist(), y, mask, parts, cfg,
                     anchor=path.parent, cache_label=path.stem)

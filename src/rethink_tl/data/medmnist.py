@@ -60,7 +60,7 @@ def medmnist_info() -> dict[str, dict]:
 
 
 def _flag(cfg: Mapping) -> str:
-    flag = str(cfg.get("flag", "pneumoniamnist")).lower()
+    flag = str(cfg.flag).lower()
     if flag.endswith("3d"):
         raise UserError(f"data.flag={flag} is a 3D MedMNIST set; only the 2D sets are supported")
     return flag
@@ -71,20 +71,20 @@ def _file_name(flag: str, size: int) -> str:
 
 
 def _npz_path(cfg: Mapping, flag: str) -> Path:
-    if cfg.get("npz"):
+    if cfg.npz:
         path = Path(str(cfg["npz"])).expanduser()
         if not path.is_file():
             raise UserError(f"data.npz={path} does not exist")
         return path
-    root = Path(str(cfg.get("root") or "~/.medmnist")).expanduser()
-    if cfg.get("size"):
+    root = Path(str(cfg.root or "~/.medmnist")).expanduser()
+    if cfg.size:
         size = int(cfg["size"])
         if size not in SIZES:
             raise UserError(f"data.size must be one of {', '.join(map(str, SIZES))}, got {size}")
         wanted = [size]
     else:
         present = [s for s in SIZES if (root / _file_name(flag, s)).is_file()]
-        want = int(cfg.get("image_size", 224))
+        want = int(cfg.image_size)
         fits = [s for s in present if s >= want]
         if present:
             return root / _file_name(flag, min(fits) if fits else max(present))
@@ -98,7 +98,7 @@ def _npz_path(cfg: Mapping, flag: str) -> Path:
 def _download(cfg: Mapping, flag: str, size: int, path: Path) -> None:
     how = f"put {path.name} (from the MedMNIST site) in {path.parent}, or point data.npz at it"
     info = medmnist_info()
-    if not cfg.get("download", True):
+    if not cfg.download:
         raise UserError(f"{path} does not exist and data.download=false: {how}")
     key = "url" if size == 28 else f"url_{size}"
     if info is BUILTIN_INFO or key not in info.get(flag, {}):
@@ -121,7 +121,7 @@ def _task_and_names(cfg: Mapping, flag: str) -> tuple[str, list[str]]:
         names = [info["label"][k] for k in sorted(info["label"], key=int)]
         task = info["task"]
         return task, (names[1:] if task == "binary-class" else names)
-    if not cfg.get("npz"):
+    if not cfg.npz:
         known = ", ".join(sorted(k for k in medmnist_info() if not k.endswith("3d")))
         raise UserError(f"unknown MedMNIST set data.flag={flag}: known sets are {known} (pip install medmnist "
                         "for all of them), or give a file in the MedMNIST layout with data.npz=PATH")
@@ -205,4 +205,4 @@ def build_medmnist(cfg: Mapping) -> DataBundle:
                                   mask=torch.ones(labels.shape, dtype=torch.bool),
                                   ids=[f"{flag}/{split}/{i}" for i in range(len(x))])
     log.info("medmnist: %s (%s, labels %s)", path, task, names)
-    return DataBundle(name=str(cfg.get("name", flag)), label_names=names, **splits)
+    return DataBundle(name=str(cfg.name), label_names=names, **splits)

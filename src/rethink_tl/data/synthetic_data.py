@@ -14,7 +14,7 @@ from .synthetic import LABELS, generate_split
 
 
 def synthetic_labels(cfg: Mapping) -> list[str]:
-    labels = list(cfg.get("labels", LABELS))
+    labels = list(cfg.labels)
     unknown = [lab for lab in labels if lab not in LABELS]
     if unknown or not labels or len(set(labels)) != len(labels):
         raise UserError(f"data.labels for synthetic data must be distinct names from {list(LABELS)}, got {labels}")
@@ -24,16 +24,16 @@ def synthetic_labels(cfg: Mapping) -> list[str]:
 @register_dataset("synthetic", labels=synthetic_labels)
 def build_synthetic(cfg: Mapping) -> DataBundle:
     labels = synthetic_labels(cfg)
-    n = int(cfg.get("num_samples", 4000))
+    n = int(cfg.num_samples)
     size = int(cfg["image_size"])
-    seed = int(cfg.get("seed", 0))
-    n_val = int(round(n * float(cfg.get("val_share", 0.1))))
-    n_test = int(round(n * float(cfg.get("test_share", 0.25))))
+    seed = int(cfg.seed)
+    n_val = int(round(n * float(cfg.val_share)))
+    n_test = int(round(n * float(cfg.test_share)))
     n_train = n - n_val - n_test
     if min(n_train, n_val, n_test) <= 0:
         raise UserError(f"data.num_samples={n} is too small for the val/test shares: every split needs images")
-    prevalence = float(cfg.get("prevalence", 1 / 17))
-    test_prevalence = float(cfg.get("test_prevalence", prevalence))
+    prevalence = float(cfg.prevalence)
+    test_prevalence = float(cfg.test_prevalence)
     splits = {}
     # Each split has its own stream of images; image i of a split is a pure function of (seed, split, i).
     for k, (split, count, prev) in enumerate(

@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
 from ..errors import UserError
@@ -130,7 +131,10 @@ def build_model(model_cfg: Mapping[str, Any], num_labels: int) -> Classifier:
 
     Extra keys in ``model_cfg`` are passed to the builder, which ignores those it does not use.
     """
-    name = model_cfg.get("name")
+    from ..config import ModelConfig, typed
+
+    model_cfg = typed(ModelConfig, model_cfg, where="model")
+    name = None if OmegaConf.is_missing(model_cfg, "name") else model_cfg.name
     if not name:
         raise UserError(f"the model config has no name; choose one with model=NAME from: {', '.join(model_names())}")
     name = canonical_name(str(name))

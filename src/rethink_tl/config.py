@@ -1,0 +1,427 @@
+"""The configuration schema: one dataclass per config group, registered with Hydra's ConfigStore.
+
+Every default lives here, once. The YAML files under ``conf/`` pick a schema (``defaults: [base_X]``)
+and set only the values that differ from it; code reads ``cfg.train.lr``, never ``cfg.get(key, default)``.
+Hydra checks types and enum choices while it composes the config (``train.epochs=abc`` never reaches a
+run); :func:`validate` then checks what types cannot say (ranges, unknown keys added with ``+``) before
+any model or dataset is built.
+
+:func:`identity` is what makes two runs "the same run": every setting that can change a result, with
+the runtime switches (device, threads, precision policy, progress bars) left out. A run directory is
+named after it, and a run resumes or is skipped only when its stored identity equals the requested one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from .errors import UserError
+
+
+class Choice(str, Enum):
+    """An enum whose members print as their value (``auto``, not ``Amp.auto``) and compare equal to it."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class InitName(Choice):
+    random = "random"
+    pretrained = "pretrained"
+
+
+class Amp(Choice):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    off = "off"
+
+
+class PosWeight(Choice):
+    balanced = "balanced"
+
+
+class Uncertain(Choice):
+    ones = "ones"  # U-Ones, the paper
+    zeros = "zeros"
+    ignore = "ignore"  # masked out of loss and metrics
+
+
+class Resize(Choice):
+    pad = "pad"  # keep the whole film, black bars
+    crop = "crop"  # centre square
+    stretch = "stretch"
+
+
+class Rescale16(Choice):
+    minmax = "minmax"  # each 16-bit image's own range
+    full = "full"  # 0..65535
+
+
+class OnBadImage(Choice):
+    error = "error"  # list missing / unreadable images and stop
+    skip = "skip"  # drop them with a warning
+
+
+# --- model, init ------------------------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # the registry name (conf/model/<name>.yaml); the default model is in config.yaml
+    tag: str = "${.name}"  # how results and run directories name the model (aliases record their target)
+    backbone: Optional[str] = None  # model=timm / model=trunc: any timm backbone
+    cut: Optional[int] = None  # model=trunc: cut after this feature stage (0-based, timm's count)
+
+
+@dataclass
+class InitConfig:
+    # random: RI. pretrained: TL for full models, Truncated-TL for truncated ones, Transfusion for slim ones.
+    name: InitName = MISSING
+    # An explicit weights file; otherwise the torchvision / timm caches (TORCH_HOME, HF_HOME), installed
+    # weight packages, then a download when `download` is true.
+    weights: Optional[str] = None
+    download: bool = True
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+@dataclass
+class DataConfig:
+    name: str = "???"  # run directories and results.csv use this name: give each dataset its own
+    kind: str = "???"  # which dataset builder (data/<kind>.py)
+    image_size: int = 224
+    fraction: float = 1.0  # stratified share of the training split, chosen by subset_seed
+    subset_seed: int = 0
+
+
+@dataclass
+class SyntheticData(DataConfig):
+    name: str = "synthetic"
+    kind: str = "synthetic"
+    seed: int = 0  # which synthetic dataset (images are a pure function of this seed)
+    num_samples: int = 4000  # total over train/val/test
+    val_share: float = 0.1
+    test_share: float = 0.25
+    labels: List[str] = field(default_factory=lambda: ["opacity", "nodule"])
+    prevalence: float = 0.0588  # train/val positive rate per label (about 1:16)
+    test_prevalence: float = 0.1  # prevalence drifts in the test split, as in a prospective test set
+
+
+@dataclass
+class ImageFilesData(DataConfig):
+    """Datasets of image files: how they are decoded and cached (README: "Real data")."""
+
+    resize: Resize = Resize.pad
+    channels: str = "auto"  # auto: 3 if any image is stored in colour, else 1 | 1 | 3
+    rescale16: Rescale16 = Rescale16.minmax
+    on_bad_image: OnBadImage = OnBadImage.error
+    cache: bool = True  # decode once into a uint8 memmap, reuse it in every later run
+    cache_dir: Optional[str] = None  # null: next to the data, or $XDG_CACHE_HOME/rethink_tl if not writable
+    workers: Optional[int] = None  # decoding threads; null: one per CPU core
+
+
+@dataclass
+class ChexpertData(ImageFilesData):
+    name: str = "chexpert"
+    kind: str = "chexpert"
+    root: Optional[str] = None  # the folder that holds train.csv and valid.csv
+    labels: Any = "paper13"  # paper13 (all but Support Devices) | all14 | competition5 | [observations]
+    uncertain: Uncertain = Uncertain.ones
+    frontal_only: bool = True
+    use_official_valid: bool = False  # true: valid.csv is the test split, train.csv gives train and val
+    test_share: float = 0.2  # of the patients; then val_share of the rest: 72/8/20 like the paper
+    val_share: float = 0.1
+    split_seed: int = 0
+    channels: str = "1"  # CheXpert is grey
+
+
+@dataclass
+class CsvData(ImageFilesData):
+    name: str = "csv"
+    kind: str = "csv"
+    csv: Optional[str] = None  # the CSV listing the images
+    root: Optional[str] = None  # folder that relative paths start from; null: the CSV's folder
+    path_column: str = "path"
+    patient_column: Optional[str] = None  # null: patient_id / patient / subject_id if present, else per image
+    date_column: str = "date"
+    labels: Optional[List[str]] = None  # null: every other column holding only 1 / 0 / -1 / blank
+    uncertain: Uncertain = Uncertain.ones
+    cutoff_date: Optional[str] = None  # YYYY-MM-DD: test = on or after it, train/val = before (prospective)
+    val_share: float = 0.2  # of the patients before the cutoff (or of the non-test patients)
+    test_share: float = 0.2  # of the patients, random split only (no cutoff_date)
+    split_seed: int = 0
+
+
+@dataclass
+class MedmnistData(DataConfig):
+    name: str = "${.flag}"
+    kind: str = "medmnist"
+    flag: str = "pneumoniamnist"  # pneumoniamnist, chestmnist, breastmnist, ... (2D sets only)
+    npz: Optional[str] = None  # a .npz in the MedMNIST layout; null: look in root
+    root: Optional[str] = None  # null: ~/.medmnist (the medmnist package's folder)
+    size: Optional[int] = None  # 28 | 64 | 128 | 224: which file; null: smallest present >= image_size
+    download: bool = True  # fetch a missing file (needs the medmnist package and the network)
+
+
+# --- the training protocol and the runtime --------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    """The paper's protocol (Peng et al. 2021): everything here can change a result."""
+
+    epochs: int = 200
+    batch_size: int = 64
+    lr: float = 1e-5  # Adam
+    weight_decay: float = 0.0
+    seed: int = 0
+    lr_factor: float = 0.5  # ReduceLROnPlateau on validation macro AUPRC (mode max)
+    patience: int = 5
+    early_stop: int = 0  # stop after this many epochs without a better validation AUPRC (0 = never)
+    min_lr: float = 0.0  # stop once the learning rate falls below this (0 = never)
+    rotate_degrees: float = 10.0  # light augmentation, applied to whole batches on the device
+    scale_jitter: float = 0.1
+    # BCE-with-logits; balanced weighs each label's positives by neg/pos of the training split,
+    # null = unweighted (the paper)
+    pos_weight: Optional[PosWeight] = None
+
+
+@dataclass
+class RuntimeConfig:
+    """How a run executes. Results do not depend on these beyond floating-point noise, so they are not
+    part of a run's identity (README: "Run directories and identity")."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # CPU threads; 0 = torch's default (one per core)
+    amp: Amp = Amp.auto  # auto = bf16 on GPUs with native bf16, else fp16 with a grad scaler; fp32 on CPU
+    channels_last: bool = True  # NHWC: faster convolutions on tensor-core GPUs and on AVX-512 CPUs
+    compile: bool = False  # torch.compile the model (slow first epoch, faster after)
+    cudnn_benchmark: bool = True
+    data_on_device: float = 0.5  # keep uint8 images on the GPU when they fit in this share of free memory
+    eval_batch_size: int = 256
+    force: bool = False  # run again from scratch even when the run directory holds a finished run
+    progress: bool = True  # tqdm bars
+
+
+@dataclass
+class BenchConfig:
+    steps: int = 8  # timed training steps in (a), (b) and (c)
+    warmup: int = 2  # untimed steps first (allocator, cuDNN autotuning, compile)
+    eval_images: int = 512
+    naive_workers: int = 2  # DataLoader workers of the naive loop (c)
+    source_scale: float = 1.5  # the naive loop's files are this much larger than data.image_size
+    score_n: int = 45000  # predictions scored by metrics.score: the size of the paper's CheXpert test split
+    score_labels: int = 14
+
+
+SCHEMAS: dict[str, type] = {
+    "base_model": ModelConfig, "base_init": InitConfig, "base_train": TrainConfig, "base_runtime": RuntimeConfig,
+    "base_synthetic": SyntheticData, "base_chexpert": ChexpertData, "base_csv": CsvData,
+    "base_medmnist": MedmnistData, "base_bench": BenchConfig,
+}
+_GROUP_OF = {"base_model": "model", "base_init": "init", "base_train": "train", "base_runtime": "runtime",
+             "base_bench": "bench"}
+
+
+def register() -> None:
+    """Make the schemas available to the YAML files' defaults lists (idempotent)."""
+    cs = ConfigStore.instance()
+    for name, node in SCHEMAS.items():
+        cs.store(group=_GROUP_OF.get(name, "data"), name=name, node=node)
+
+
+register()
+
+# Keys that moved from train to runtime: old command lines keep working (cli rewrites them).
+MOVED_TO_RUNTIME = tuple(f.name for f in dataclasses.fields(RuntimeConfig))
+
+
+# --- validation -------------------------------------------------------------------------------------
+
+def _between(lo=None, hi=None, lo_open=False, hi_open=False):
+    def check(v) -> bool:
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            return False
+        return hi is None or (v < hi if hi_open else v <= hi)
+
+    left = "" if lo is None else f"{'>' if lo_open else '>='} {lo:g}"
+    right = "" if hi is None else f"{'<' if hi_open else '<='} {hi:g}"
+    return check, " and ".join(s for s in (left, right) if s)
+
+
+# key -> (check, what is allowed). Keys absent from a config (other dataset kinds) are not checked.
+RANGES = {
+    "train.epochs": _between(1), "train.batch_size": _between(2), "train.lr": _between(0, lo_open=True),
+    "train.weight_decay": _between(0), "train.seed": _between(0), "train.lr_factor": _between(0, 1, True, True),
+    "train.patience": _between(0), "train.early_stop": _between(0), "train.min_lr": _between(0),
+    "train.rotate_degrees": _between(0, 180), "train.scale_jitter": _between(0, 1, hi_open=True),
+    "runtime.threads": _between(0), "runtime.data_on_device": _between(0, 1), "runtime.eval_batch_size": _between(1),
+    "data.image_size": _between(8), "data.fraction": _between(0, 1, lo_open=True), "data.subset_seed": _between(0),
+    "data.num_samples": _between(3), "data.val_share": _between(0, 1, True, True),
+    "data.test_share": _between(0, 1, True, True), "data.prevalence": _between(0, 1, True, True),
+    "data.test_prevalence": _between(0, 1, True, True), "data.split_seed": _between(0), "data.workers": _between(1),
+    "model.cut": _between(0),
+    "bench.steps": _between(1), "bench.warmup": _between(0), "bench.eval_images": _between(1),
+    "bench.naive_workers": _between(0), "bench.source_scale": _between(1), "bench.score_n": _between(2),
+    "bench.score_labels": _between(1),
+}
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+GROUPS = ("model", "init", "data", "train", "runtime", "bench")
+
+
+def _unknown_keys(cfg: DictConfig) -> None:
+    for group in GROUPS:
+        node = cfg.get(group) if group in cfg else None
+        if node is None:
+            continue
+        schema = OmegaConf.get_type(node)
+        if not dataclasses.is_dataclass(schema):
+            raise UserError(f"the {group} config has no schema: a config file of group {group} must start with "
+                            f"'defaults: [base_...]' (see the files in conf/{group}/)")
+        known = [f.name for f in dataclasses.fields(schema)]
+        for key in node:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f" (did you mean {group}.{close[0]}?)" if close else ""
+                raise UserError(f"unknown key {group}.{key}{hint}; {group} keys are: {', '.join(known)}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check what Hydra's typed composition cannot: ranges, device names and keys added with ``+``.
+    Raises UserError naming the key, the value and what is allowed."""
+    _unknown_keys(cfg)
+    for key, (check, allowed) in RANGES.items():
+        try:
+            value = OmegaConf.select(cfg, key, throw_on_missing=True)
+        except Exception as err:  # noqa: BLE001  (an interpolation that cannot resolve is the user's)
+            raise UserError(f"{key}: {err}".splitlines()[0]) from err
+        if value is not None and not isinstance(value, bool) and not check(value):
+            raise UserError(f"{key}={value} is out of range: it must be {allowed}")
+    if "runtime" in cfg and not _DEVICE.match(str(cfg.runtime.device)):
+        raise UserError(f"runtime.device={cfg.runtime.device} is not a device: use auto, cpu, cuda or cuda:N")
+    if "data" in cfg:
+        if "channels" in cfg.data and str(cfg.data.channels) not in ("auto", "1", "3"):
+            raise UserError(f"data.channels={cfg.data.channels}: it must be auto, 1 or 3")
+        if cfg.data.get("cutoff_date"):
+            from datetime import date
+
+            try:
+                date.fromisoformat(str(cfg.data.cutoff_date))
+            except ValueError as err:
+                raise UserError(f"data.cutoff_date={cfg.data.cutoff_date} is not a date: write YYYY-MM-DD") from err
+    if "data" in cfg and str(cfg.data.kind) == "synthetic" and cfg.data.val_share + cfg.data.test_share >= 1:
+        raise UserError(f"data.val_share + data.test_share = {cfg.data.val_share + cfg.data.test_share:g} "
+                        "leaves no training images: they must add up to less than 1")
+
+
+# --- run identity -----------------------------------------------------------------------------------
+
+# Data keys that only say how the data is read, not which data: a cache and its threads.
+NOT_IDENTITY = {"data.cache", "data.cache_dir", "data.workers", "data.download", "init.download"}
+# Paths name files: written relative, they mean another file from another folder.
+PATHS = ("data.csv", "data.root", "data.npz", "init.weights")
+IDENTITY_GROUPS = ("model", "init", "data", "train")
+
+
+def _flat(prefix: str, node: Any, out: dict[str, Any]) -> None:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _flat(f"{prefix}.{k}", v, out)
+    else:
+        out[prefix] = node
+
+
+def identity(cfg: DictConfig) -> dict[str, Any]:
+    """Every result-affecting setting of a run, flat (``{"train.lr": 1e-05, ...}``), JSON-ready.
+
+    Values are resolved (interpolations filled in) and typed by the schema, so ``data.fraction=1`` and
+    ``data.fraction=1.0`` are one setting. The model name is the registry's canonical one, so an alias
+    (densenet121) and its target (dens_f) are one model.
+    """
+    out: dict[str, Any] = {}
+    for group in IDENTITY_GROUPS:
+        node = cfg[group]
+        container = OmegaConf.to_container(node, resolve=True, enum_to_str=True) if isinstance(node, DictConfig) \
+            else node
+        _flat(group, container, out)
+    if out.get("model.name"):
+        from .models.registry import canonical_name
+
+        try:
+            out["model.name"] = canonical_name(str(out["model.name"]))
+        except UserError:
+            pass  # an unknown model fails with its own message when it is built
+    for key in PATHS:
+        if out.get(key):
+            out[key] = os.path.abspath(os.path.expanduser(str(out[key])))
+    return {k: _plain(v) for k, v in sorted(out.items()) if k not in NOT_IDENTITY}
+
+
+def _plain(v: Any) -> Any:
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple, ListConfig)) else v
+
+
+def digest(settings: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
+    """A short, stable hash of settings (minus ``skip``): equal settings, equal hash, on any machine."""
+    kept = {k: v for k, v in settings.items() if k not in skip}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def setting_id(cfg_or_settings) -> str:
+    """The hash of everything but the training seed: the seeds of one setting share it, in their directory
+    names and in results.csv, and `rtl report` averages exactly the runs that share it."""
+    settings = cfg_or_settings if isinstance(cfg_or_settings, dict) else identity(cfg_or_settings)
+    return digest(settings, skip=("train.seed",))
+
+
+def differences(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
+    """``key: stored -> requested`` for every setting that differs."""
+    keys = sorted(set(stored) | set(requested))
+    missing = object()
+    out = []
+    for k in keys:
+        a, b = stored.get(k, missing), requested.get(k, missing)
+        if a != b:
+            show = lambda v: "(absent)" if v is missing else json.dumps(v, default=str)  # noqa: E731
+            out.append(f"{k}: {show(a)} -> {show(b)}")
+    return out
+
+
+def _resolver_setting_id(*, _root_: DictConfig) -> str:
+    return setting_id(_root_)
+
+
+def _resolver_num(value: Any) -> str:
+    """Numbers in directory names: 1, 1.0 and 1e0 are all written 1."""
+    return f"{float(value):g}"
+
+
+for _name, _fn in (("rtl.setting_id", _resolver_setting_id), ("rtl.num", _resolver_num)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn, use_cache=False)
+
+
+def typed(schema: type, cfg: Any, where: str = "") -> DictConfig:
+    """``cfg`` (a composed config node or a plain mapping, as tests and scripts pass) checked against
+    ``schema``, with the schema's defaults for what it leaves out."""
+    if isinstance(cfg, DictConfig) and OmegaConf.get_type(cfg) is schema:
+        return cfg
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), cfg)
+    except Exception as err:  # noqa: BLE001  (omegaconf's ValidationError / ConfigKeyError: bad user values)
+        key = getattr(err, "full_key", None) or ""
+        key = f"{where}.{key}" if where and key else key
+        raise UserError((f"{key}: " if key else "") + str(err).strip().splitlines()[0]) from err
