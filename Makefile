@@ -101,8 +101,8 @@ SMOKE_THREADS ?= 1
 SMOKE_SIZES   ?= {cbr_large_t:217,cbr_large_w:121,cbr_small:121,cbr_tiny:91}
 STANDIN       := $(FIG_DIR)/standin-weights
 COVID_DATA    := data=synthetic data.num_samples=$(SMOKE_SAMPLES) data.prevalence=0.3 data.test_prevalence=0.3 \
-                 '+image_size_by_model=$(SMOKE_SIZES)' \
-                 'data.image_size="$${oc.select:image_size_by_model.$${model.name},$(SMOKE_SIZE)}"'
+                 '+vars.image_size_by_model=$(SMOKE_SIZES)' \
+                 'data.image_size="$${oc.select:vars.image_size_by_model.$${model.name},$(SMOKE_SIZE)}"'
 CHEXPERT_DATA := $(COVID_DATA)
 COVID_RUNS    := $(RUNS)/synthetic
 CHEXPERT_RUNS := $(RUNS)/synthetic

@@ -36,8 +36,9 @@ def test_train_run_writes_the_run_directory(tmp_path):
     out = tmp_path / "run"
     proc = rtl("train", *TINY, "train.epochs=2", f"hydra.run.dir={out}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    for name in ("metrics.csv", "results.csv", "best.pt", "last.pt", ".hydra/config.yaml"):
+    for name in ("metrics.csv", "results.csv", "best.pt", "last.pt", "identity.json", "config.yaml"):
         assert (out / name).is_file(), name
+    assert len(list(out.glob(".hydra/*/config.yaml"))) == 1  # Hydra's record of this invocation
     assert len(pd.read_csv(out / "metrics.csv")) == 2
     # Nothing is written outside the run directory.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

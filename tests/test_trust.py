@@ -80,20 +80,22 @@ def test_resume_with_changed_settings_is_refused_and_nothing_is_recorded(finishe
     assert "holds a run with other settings" in line and "runtime.force=true" in line
     assert "train.batch_size: 16 -> 4" in line and "train.lr: 0.001 -> 0.01" in line
     after = snapshot(run)
-    assert {k: v for k, v in after.items() if k.parts[0] != ".hydra"} == \
-        {k: v for k, v in before.items() if k.parts[0] != ".hydra"}
+    # Only Hydra's record of this invocation is added (a folder of its own) and its log appended to.
+    assert {k: v for k, v in after.items() if k.parts[0] != ".hydra" and k.suffix != ".log"} == \
+        {k: v for k, v in before.items() if k.parts[0] != ".hydra" and k.suffix != ".log"}
+    assert all(after[k] == v for k, v in before.items() if k.parts[0] == ".hydra")
     assert not (run / "results.csv").exists()
 
 
 def test_force_with_a_typo_or_missing_data_leaves_the_finished_run_intact(finished, tmp_path):
     run = copy_of(finished, tmp_path)
-    before = {k: v for k, v in snapshot(run).items() if k.parts[0] != ".hydra"}
+    before = {k: v for k, v in snapshot(run).items() if k.parts[0] != ".hydra" and k.suffix != ".log"}
     typo = rtl("train", *TINY, "train.force=true", "train.epochs=2O", f"hydra.run.dir={run}", cwd=tmp_path)
     assert "train.epochs" in error_line(typo)
     missing = rtl("train", *TINY, "train.epochs=2", "runtime.force=true", "data.test_share=0.3",
                   "init=pretrained", f"init.weights={tmp_path / 'nope.pth'}", f"hydra.run.dir={run}", cwd=tmp_path)
     assert "nope.pth" in error_line(missing)
-    assert {k: v for k, v in snapshot(run).items() if k.parts[0] != ".hydra"} == before
+    assert {k: v for k, v in snapshot(run).items() if k.parts[0] != ".hydra" and k.suffix != ".log"} == before
 
 
 @pytest.mark.parametrize("override, key", [
@@ -101,6 +103,9 @@ def test_force_with_a_typo_or_missing_data_leaves_the_finished_run_intact(finish
     ("train.batch_size=0", "train.batch_size"), ("train.batch_size=-4", "train.batch_size"),
     ("train.lr=-0.01", "train.lr"), ("train.epochs=0", "train.epochs"), ("+train.lr_rate=1", "train.lr_rate"),
     ("runtime.amp=fp8", "runtime.amp"), ("data.fraction=1.5", "data.fraction"), ("init=imagenet", "init"),
+    ("train.lr=nan", "train.lr"), ("train.weight_decay=inf", "train.weight_decay"), ("train.lr=1e308", "train.lr"),
+    ("train.seed=4294967296", "train.seed"), ("data.kind=csv", "data.kind"), ("model.tag=${oops}", "oops"),
+    ("runtime.threads=100000", "runtime.threads"), ("model.cut=null", "model.cut"), ("+foo=1", "foo"),
 ])
 def test_bad_values_are_one_line_naming_the_key(tmp_path, override, key):
     proc = rtl("train", *ONE, override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
@@ -110,12 +115,37 @@ def test_bad_values_are_one_line_naming_the_key(tmp_path, override, key):
 
 def test_a_bad_value_inside_a_sweep_fails_that_run_and_the_sweep_at_the_end(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = rtl("train", "-m", *ONE, "train.lr=-0.01,1e-3", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    proc = rtl("train", "-m", *ONE, "train.lr=-0.01,1e-3,nan", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     line = error_line(proc)
-    assert "1 run(s) of the sweep failed" in line
+    assert "2 run(s) of the sweep failed" in line
     assert len(list(sweep.rglob("results.csv"))) == 1
-    errors = list(sweep.rglob("error.txt"))
-    assert len(errors) == 1 and "train.lr=-0.01 is out of range" in errors[0].read_text()
+    errors = sorted(p.read_text() for p in sweep.rglob("error.txt"))
+    assert len(errors) == 2 and "train.lr=-0.01 is out of range" in errors[0] and "train.lr=nan" in errors[1]
+
+
+def test_a_sweep_job_sent_into_another_runs_folder_writes_nothing_there(finished, tmp_path):
+    run = copy_of(finished, tmp_path)
+    before = {k: v for k, v in snapshot(run).items() if k.parts[0] != ".hydra" and k.suffix != ".log"}
+    proc = rtl("train", "-m", *TINY, "train.epochs=2", "train.lr=1e-2", f"hydra.sweep.dir={run.parent}",
+               f"hydra.sweep.subdir={run.name}", cwd=tmp_path)
+    assert "1 run(s) of the sweep failed" in error_line(proc)
+    assert {k: v for k, v in snapshot(run).items() if k.parts[0] != ".hydra" and k.suffix != ".log"} == before
+    assert not (run / "error.txt").exists()
+
+
+def test_mixed_precision_is_part_of_a_runs_identity(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = rtl("train", "-m", *ONE, "runtime.amp=off,bf16", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(pd.read_csv(p).precision[0] for p in sweep.rglob("results.csv")) == ["bf16", "fp32"]
+
+
+@pytest.mark.parametrize("damage", ["empty", "garbage"])
+def test_a_damaged_results_file_of_a_finished_run_is_named(finished, tmp_path, damage):
+    run = copy_of(finished, tmp_path)
+    (run / "results.csv").write_bytes(b"" if damage == "empty" else b"\x00\xff garbage")
+    line = error_line(rtl("train", *TINY, "train.epochs=2", f"hydra.run.dir={run}", cwd=tmp_path))
+    assert "results.csv" in line and "runtime.force=true" in line
 
 
 def test_a_damaged_last_checkpoint_is_named_with_the_fix(finished, tmp_path):

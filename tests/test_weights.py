@@ -91,9 +91,11 @@ def test_unknown_init_is_a_user_error():
         apply_init(build_model({"name": "cbr_tiny"}, 2), {"name": "imagenet"})
 
 
-@pytest.mark.parametrize("name", ["dens_s2", "cbr_small", "trunc"])
-def test_random_init_loads_nothing(name):
-    model = build_model({"name": name}, 3)
+@pytest.mark.parametrize("cfg", [{"name": "dens_s2"}, {"name": "cbr_small"},
+                                 {"name": "trunc", "backbone": "tf_efficientnet_lite0", "cut": 3}],
+                         ids=["dens_s2", "cbr_small", "trunc"])
+def test_random_init_loads_nothing(cfg):
+    model = build_model(cfg, 3)
     before = snapshot(model)
     report = apply_init(model, {"name": "random", "weights": None})
     assert isinstance(report, InitReport)

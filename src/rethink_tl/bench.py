@@ -323,6 +323,7 @@ def run_bench(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         "c_precision": c.precision, "c_cudnn_benchmark": c.cudnn_benchmark, "c_timed_batches": c.timed_batches,
         "a_peak_gb": round(mem_a.gb, 3), "b_peak_gb": round(mem_b.gb, 3), "c_peak_gb": round(mem_c.gb, 3),
         "memory": mem_a.kind,
+        "score_n": int(bc.score_n), "score_labels": int(bc.score_labels),
         "score_seconds": round(score_seconds(int(bc.score_n), int(bc.score_labels)), 3),
         "torch": torch.__version__,
     }
@@ -345,6 +346,6 @@ def format_row(row: dict[str, Any]) -> str:
         f"  (c) naive PIL loop           {row['c_naive_ips']:10.1f}   b/c = {row['b_over_c']:5.2f}  "
         f"{row['c_peak_gb']:7.2f}   {naive_how}, {row['c_timed_batches']} timed batches",
         f"  evaluation                   {row['eval_ips']:10.1f}",
-        f"  scoring {45000} x 14           {row['score_seconds']:10.2f} s",
+        f"  scoring {row['score_n']} x {row['score_labels']}".ljust(31) + f"{row['score_seconds']:10.2f} s",
         f"  peak GB: {row['memory']}",
     ])

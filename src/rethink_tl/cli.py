@@ -22,9 +22,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.errors import HydraException
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from .config import MOVED_TO_RUNTIME
-from .errors import UserError
+from .errors import NotYourRun, UserError
 from .preempt import Interrupted
 
 USAGE = __doc__.split("\n\n")[1]
@@ -90,7 +91,8 @@ def _train(cfg: DictConfig) -> float:
             _fail(str(err))
         # One bad setting must not cancel the rest of a long sweep: note it, go on, fail at the end.
         logging.getLogger("rtl").error("run %s failed: %s", out_dir, err)
-        (Path(out_dir) / "error.txt").write_text(f"{err}\n")
+        if not isinstance(err, NotYourRun):  # that folder holds another run: leave it as it is
+            (Path(out_dir) / "error.txt").write_text(f"{err}\n")
         _SWEEP_FAILURES.append(f"{out_dir}: {str(err).splitlines()[0]}")
         return float("nan")
     return float(row["test_auprc"])
@@ -157,6 +159,17 @@ def main(argv: list[str] | None = None) -> None:
                 _sweep_failed()
         except HydraException as err:
             _fail(_hydra_message(err))
+        except OmegaConfBaseException as err:  # an interpolation of the user's that cannot be resolved
+            _fail(_hydra_message(err))
+        except MemoryError:
+            _fail("out of memory: use less data (data.num_samples, data.image_size) or a smaller "
+                  "runtime.eval_batch_size / train.batch_size")
+        except ValueError as err:
+            if "Unable to configure handler" not in str(err):
+                raise
+            # Hydra could not open its log file in the output folder (a read-only file system).
+            _fail(f"cannot write the log file of this run: {err.__cause__ or err}; choose a writable output "
+                  "folder with hydra.run.dir=... (or hydra.sweep.dir=... for -m)")
         except OSError as err:
             where = f" {err.filename}" if err.filename else ""
             _fail(f"cannot write{where}: {err.strerror or err}; choose a writable output folder with "

@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -202,7 +203,7 @@ class TrainConfig:
 @dataclass
 class RuntimeConfig:
     """How a run executes. Results do not depend on these beyond floating-point noise, so they are not
-    part of a run's identity (README: "Run directories and identity")."""
+    part of a run's identity, except ``amp`` (README: "Where runs go")."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # CPU threads; 0 = torch's default (one per core)
@@ -263,21 +264,29 @@ def _between(lo=None, hi=None, lo_open=False, hi_open=False):
 
 
 # key -> (check, what is allowed). Keys absent from a config (other dataset kinds) are not checked.
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 RANGES = {
-    "train.epochs": _between(1), "train.batch_size": _between(2), "train.lr": _between(0, lo_open=True),
-    "train.weight_decay": _between(0), "train.seed": _between(0), "train.lr_factor": _between(0, 1, True, True),
-    "train.patience": _between(0), "train.early_stop": _between(0), "train.min_lr": _between(0),
-    "train.rotate_degrees": _between(0, 180), "train.scale_jitter": _between(0, 1, hi_open=True),
-    "runtime.threads": _between(0), "runtime.data_on_device": _between(0, 1), "runtime.eval_batch_size": _between(1),
-    "data.image_size": _between(8), "data.fraction": _between(0, 1, lo_open=True), "data.subset_seed": _between(0),
-    "data.num_samples": _between(3), "data.val_share": _between(0, 1, True, True),
+    "train.epochs": _between(1, 100_000), "train.batch_size": _between(2, 1_000_000),
+    "train.lr": _between(0, 10, lo_open=True), "train.weight_decay": _between(0, 10), "train.seed": _between(0, SEED_MAX),
+    "train.lr_factor": _between(0, 1, True, True), "train.patience": _between(0), "train.early_stop": _between(0),
+    "train.min_lr": _between(0, 10), "train.rotate_degrees": _between(0, 180),
+    "train.scale_jitter": _between(0, 1, hi_open=True),
+    "runtime.threads": _between(0, 1024), "runtime.data_on_device": _between(0, 1),
+    "runtime.eval_batch_size": _between(1, 1_000_000),
+    "data.image_size": _between(8, 4096), "data.fraction": _between(0, 1, lo_open=True),
+    "data.subset_seed": _between(0, SEED_MAX), "data.seed": _between(0, SEED_MAX // 3),
+    "data.num_samples": _between(3, 10_000_000), "data.val_share": _between(0, 1, True, True),
     "data.test_share": _between(0, 1, True, True), "data.prevalence": _between(0, 1, True, True),
-    "data.test_prevalence": _between(0, 1, True, True), "data.split_seed": _between(0), "data.workers": _between(1),
-    "model.cut": _between(0),
-    "bench.steps": _between(1), "bench.warmup": _between(0), "bench.eval_images": _between(1),
-    "bench.naive_workers": _between(0), "bench.source_scale": _between(1), "bench.score_n": _between(2),
-    "bench.score_labels": _between(1),
+    "data.test_prevalence": _between(0, 1, True, True), "data.split_seed": _between(0, SEED_MAX),
+    "data.workers": _between(1, 1024), "model.cut": _between(0),
+    "bench.steps": _between(1, 100_000), "bench.warmup": _between(0, 100_000), "bench.eval_images": _between(1),
+    "bench.naive_workers": _between(0, 256), "bench.source_scale": _between(1, 16), "bench.score_n": _between(2),
+    "bench.score_labels": _between(1, 1000),
 }
+# Keys a config may have beside the groups: the experiment's name, and free values for interpolations.
+ROOT_KEYS = ("experiment", "vars", "hydra")
+# Which models read model.backbone / model.cut.
+USES = {"backbone": ("timm", "trunc"), "cut": ("trunc",)}
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 GROUPS = ("model", "init", "data", "train", "runtime", "bench")
 
@@ -299,10 +308,55 @@ def _unknown_keys(cfg: DictConfig) -> None:
                 raise UserError(f"unknown key {group}.{key}{hint}; {group} keys are: {', '.join(known)}")
 
 
+def _finite(cfg: DictConfig) -> None:
+    """NaN and infinity pass a float's type check, and then every comparison with them is false."""
+    for group in GROUPS:
+        if group not in cfg or not isinstance(cfg[group], DictConfig):
+            continue
+        for key in cfg[group]:
+            value = OmegaConf.select(cfg, f"{group}.{key}", throw_on_missing=False)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{group}.{key}={value} is not a finite number")
+
+
+def _model_keys(cfg: DictConfig) -> None:
+    """model.backbone and model.cut mean something for some models only: elsewhere they would be
+    ignored, yet still name another run directory."""
+    if "model" not in cfg or OmegaConf.is_missing(cfg.model, "name"):
+        return
+    from .models.registry import canonical_name
+
+    name = canonical_name(str(cfg.model.name))
+    for key, models in USES.items():
+        value = cfg.model[key]
+        if name in models and (value is None or str(value).strip() == ""):
+            raise UserError(f"model={name} needs model.{key}")
+        if name not in models and value is not None:
+            raise UserError(f"model.{key}={value} does not apply to model={name} (only to model="
+                            f"{' / '.join(models)}): leave it out")
+
+
+def _dataset_kind(cfg: DictConfig) -> None:
+    if "data" not in cfg:
+        return
+    schema = OmegaConf.get_type(cfg.data)
+    kind = getattr(schema, "kind", None) if dataclasses.is_dataclass(schema) else None
+    if kind and str(cfg.data.kind) != kind:
+        raise UserError(f"data.kind={cfg.data.kind} cannot change what data={kind} reads: choose the dataset "
+                        f"with data={cfg.data.kind} instead")
+
+
 def validate(cfg: DictConfig) -> None:
-    """Check what Hydra's typed composition cannot: ranges, device names and keys added with ``+``.
-    Raises UserError naming the key, the value and what is allowed."""
+    """Check what Hydra's typed composition cannot: ranges, finite numbers, device names, keys added with
+    ``+`` and keys that do not apply. Raises UserError naming the key, the value and what is allowed."""
+    extra = [k for k in cfg if k not in GROUPS and k not in ROOT_KEYS]
+    if extra:
+        raise UserError(f"unknown key {extra[0]}: the config has the groups {', '.join(GROUPS[:5])}, and "
+                        f"{', '.join(ROOT_KEYS[:2])} (put values for interpolations under vars.)")
     _unknown_keys(cfg)
+    _finite(cfg)
+    _dataset_kind(cfg)
+    _model_keys(cfg)
     for key, (check, allowed) in RANGES.items():
         try:
             value = OmegaConf.select(cfg, key, throw_on_missing=True)
@@ -357,6 +411,10 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
         container = OmegaConf.to_container(node, resolve=True, enum_to_str=True) if isinstance(node, DictConfig) \
             else node
         _flat(group, container, out)
+    # Mixed precision changes the numbers by more than run-to-run noise on small data (bf16 has 8 bits of
+    # mantissa): a bf16 run and an fp32 run are different runs. The other runtime keys are not.
+    if "runtime" in cfg:
+        out["runtime.amp"] = str(cfg.runtime.amp)
     if out.get("model.name"):
         from .models.registry import canonical_name
 

@@ -37,8 +37,8 @@ from omegaconf import OmegaConf
 
 from .atomic_io import write_bytes, write_csv
 from .errors import UserError
-from .results import (CELL, GROUP, HEADLINE, SAME_WITHIN_GROUP, BrokenRun, Run, is_metric, label_names, read_run,
-                      run_dirs)
+from .results import (CELL, GROUP, HEADLINE, PROVENANCE, SAME_WITHIN_GROUP, BrokenRun, Run, is_metric, label_names,
+                      read_run, run_dirs)
 
 SHOW = 10  # problem runs named on the terminal; summary.md names them all
 # Old results columns -> the identity key they stand for, so old and new runs label alike.
@@ -95,25 +95,35 @@ def _group_key(runs: pd.DataFrame) -> pd.Series:
     return ids.where(ids.notna() & (ids.astype(str) != ""), "old:" + old).astype(str)
 
 
+def _provenance(runs: pd.DataFrame) -> list[str]:
+    """What a run used beyond its settings (PROVENANCE) that can still differ between the seeds of one
+    setting: data files edited under the same config, weights found in another cache, another precision.
+    Seeds that differ in any of them are not averaged together."""
+    return [c for c in PROVENANCE if c in runs.columns]
+
+
 def drop_duplicate_seeds(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """One run per seed of a setting (the first by folder name), and a note naming each pair: the same
     seed twice would count one run's numbers double."""
     runs = runs.sort_values("run_dir", kind="stable").assign(_key=_group_key(runs))
-    dup = runs.duplicated(["_key", "seed"], keep="first")
+    same = ["_key", *_provenance(runs), "seed"]
+    dup = runs.duplicated(same, keep="first")
     notes = []
     for _, r in runs[dup].iterrows():
-        kept = runs[(runs["_key"] == r["_key"]) & (runs["seed"] == r["seed"])].iloc[0]
+        kept = runs[(runs[same].astype(str) == r[same].astype(str)).all(axis=1)].iloc[0]
         notes.append(f"{kept.run_dir} and {r.run_dir} (counted: {kept.run_dir})")
     return runs[~dup].drop(columns="_key"), notes
 
 
 def _setting_of(run_dirs: list[str], runs: pd.DataFrame, settings: dict[str, dict | None]) -> dict:
     """The settings of one group: identity.json's (without the seed), else what its results row records."""
+    row = runs[runs["run_dir"] == run_dirs[0]].iloc[0]
+    used = {c: row[c] for c in _provenance(runs) if pd.notna(row[c])}
     for d in run_dirs:
         if settings.get(d):
-            return {k: v for k, v in settings[d].items() if k != "train.seed"}
-    row = runs[runs["run_dir"] == run_dirs[0]].iloc[0]
-    return {LEGACY_KEYS.get(c, c): row[c] for c in SAME_WITHIN_GROUP if c in row.index and pd.notna(row[c])}
+            return {**{k: v for k, v in settings[d].items() if k != "train.seed"}, **used}
+    return {**{LEGACY_KEYS.get(c, c): row[c] for c in SAME_WITHIN_GROUP if c in row.index and pd.notna(row[c])},
+            **used}
 
 
 def _show(value) -> str:
@@ -160,7 +170,7 @@ def summarise(runs: pd.DataFrame, settings: dict[str, dict | None] | None = None
     column (macro and per label). ``runs`` holds one run per seed of a setting (drop_duplicate_seeds)."""
     runs = runs.assign(_key=_group_key(runs))
     metric_cols = [c for c in runs.columns if is_metric(str(c))]
-    grouped = runs.groupby([*GROUP, "_key"], sort=True, dropna=False)
+    grouped = runs.groupby([*GROUP, "_key", *_provenance(runs)], sort=True, dropna=False)
     out = grouped[metric_cols].agg(["mean", "std"])
     out.columns = [f"{col}_{stat}" for col, stat in out.columns]
     out.insert(0, "n", grouped.size())

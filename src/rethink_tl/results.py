@@ -40,11 +40,15 @@ HEADLINE = ["test_auroc", "test_auprc", "val_auroc", "val_auprc"]
 # seeds run with another learning rate or image size still end up in separate summary rows.
 SAME_WITHIN_GROUP = ["epochs", "image_size", "lr", "batch_size", "n_train", "n_test"]
 
+# What a run used that its settings do not fix: the seeds of one summary row must agree on these too.
+PROVENANCE = ["data_fingerprint", "weights", "precision"]
 # Without these a row cannot be placed in a table or drawn; setting_id is absent from older runs.
 REQUIRED = [*GROUP, "seed", "params", *HEADLINE]
 NUMERIC = ["fraction", "seed", "params"]
 # A run's files that say it was started, beside the results; a lone config.yaml does not (any folder may have one).
-STARTED = (RESULTS_FILE, ERROR_FILE, IDENTITY_FILE, "metrics.csv", "last.pt", "best.pt", ".hydra/config.yaml")
+# (Not Hydra's .hydra/: a command refused before it claimed the folder, or one that was sent to another
+# run's folder, leaves only that behind.)
+STARTED = (RESULTS_FILE, ERROR_FILE, IDENTITY_FILE, "metrics.csv", "last.pt", "best.pt")
 # The results columns that the identity settings of a run must agree with.
 # (Not dataset: the synthetic data calls itself "synthetic" whatever data.name says.)
 AGREE = {"model": "model.tag", "init": "init.name", "fraction": "data.fraction",
@@ -124,8 +128,8 @@ def _identity(path: Path) -> tuple[str | None, dict[str, Any] | None]:
 
 
 def _config(path: Path) -> dict[str, Any] | None:
-    """The run's resolved config (``rtl train`` writes it), else Hydra's unresolved copy."""
-    for file in (path / CONFIG_FILE, path / ".hydra" / CONFIG_FILE):
+    """The run's resolved config, as ``rtl train`` wrote it when it claimed the folder."""
+    for file in (path / CONFIG_FILE,):
         if not file.exists():
             continue
         try:
@@ -199,6 +203,8 @@ def _results_row(file: Path) -> dict[str, Any]:
     for c in NUMERIC:
         if math.isnan(row[c]):
             raise ValueError(f"{RESULTS_FILE}: {c} is empty")
+        if math.isinf(row[c]):
+            raise ValueError(f"{RESULTS_FILE}: {c} is infinite")
     if row["seed"] != int(row["seed"]):
         raise ValueError(f"{RESULTS_FILE}: seed={row['seed']:g} is not a whole number")
     row["seed"], row["params"] = int(row["seed"]), int(row["params"])
@@ -235,7 +241,7 @@ def read_run(path: str | Path) -> Run:
         if row is not None and settings is not None:
             _check_agree(row, sid, settings)
             row["setting_id"] = row["setting_id"] or sid
-    except ValueError as err:
+    except (ValueError, TypeError, OverflowError) as err:  # whatever a damaged file makes of a value
         raise BrokenRun(path, str(err), _guess_where(path)) from None
     experiment = _select(cfg, "experiment")
     experiment = None if experiment is None else str(experiment)

@@ -34,9 +34,10 @@ from .data import DataBundle, build_data, dataset_labels
 from .engine import (Batcher, EpochProgress, Precision, configure_device, device_name, evaluate, make_batchers,
                      make_optimizer, masked_bce, maybe_compile, move_to_device, resolve_precision, restore_rng,
                      rng_state, seed_everything, train_one_epoch)
-from .errors import UserError
+from .errors import NotYourRun, UserError
 from .models import build_model, check_image_size
 from .preempt import GracefulStop, Interrupted
+from .results import BrokenRun, read_run
 from .weights import apply_init
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class RunDir:
         try:
             self.lock.acquire(timeout=0)
         except Timeout:
-            raise UserError(f"another rtl process is training in {self.path} right now; wait for it to finish, "
+            raise NotYourRun(f"another rtl process is training in {self.path} right now; wait for it to finish, "
                             "or give this run another output folder (hydra.run.dir=...)") from None
         return self
 
@@ -90,11 +91,14 @@ class RunDir:
                             "folder, or start it over with runtime.force=true")
         try:
             stored = json.loads(stored_path.read_text())["settings"]
+            if not isinstance(stored, dict):
+                raise TypeError("'settings' is not a mapping")
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise UserError(f"{stored_path} is damaged ({err}): start the run over with runtime.force=true") from err
+            raise NotYourRun(f"{stored_path} is damaged ({err}), so this folder cannot be resumed or reused safely: "
+                             "start the run over with runtime.force=true, or use another output folder") from err
         diff = differences(stored, self.settings)
         if diff:
-            raise UserError(f"{self.path} holds a run with other settings ({len(diff)} differ: {'; '.join(diff)}): "
+            raise NotYourRun(f"{self.path} holds a run with other settings ({len(diff)} differ: {'; '.join(diff)}): "
                             "give this run another output folder (hydra.run.dir=... or hydra.sweep.dir=...), or "
                             "replace that run with runtime.force=true")
         if (self.path / "results.csv").exists():
@@ -194,6 +198,7 @@ class TrainState:
     precision: Precision
     device: torch.device
     fingerprint: str
+    weights: str  # where the initial weights came from (InitReport.source)
     best: float = -math.inf
     best_epoch: int = 0
     train_seconds: float = 0.0
@@ -205,7 +210,7 @@ class TrainState:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else {},
-                "precision": self.precision.name, "data_fingerprint": self.fingerprint,
+                "precision": self.precision.name, "data_fingerprint": self.fingerprint, "weights": self.weights,
                 "best": self.best, "best_epoch": self.best_epoch, "train_seconds": self.train_seconds,
                 "history": self.history, "progress": self.progress.state_dict(), "started": self.started,
                 "rng": rng_state(self.device)}
@@ -220,6 +225,10 @@ class TrainState:
             raise UserError(f"{source} was trained in {state['precision']}, this machine would continue in "
                             f"{self.precision.name}: set runtime.amp={state['precision'].replace('fp32', 'off')} "
                             "to resume, or start over with runtime.force=true")
+        if state["weights"] != self.weights:
+            raise UserError(f"{source} started from the weights {state['weights']}, this machine finds "
+                            f"{self.weights}: make the same file available (init.weights=PATH), or start over with "
+                            "runtime.force=true")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -263,6 +272,9 @@ def fit(cfg: DictConfig, s: Setup, state: TrainState, run_dir: RunDir) -> None:
         if not stop.hand_on():  # True: an earlier handler (e.g. submitit's TERM bypass) wants the run to go on
             raise Interrupted(stop.signum, message)
 
+    # A forced run resumes like any other, once the force is dropped (with it, the run would start over).
+    again = ("run the same command again to resume" if not rc.force else
+             "run the same command without runtime.force=true to resume")
     bar = tqdm(total=tc.epochs, initial=state.progress.epoch - 1, desc=f"{s.model.info.name}/{s.init.strategy}",
                disable=not rc.progress)
     with GracefulStop() as stop:
@@ -278,7 +290,7 @@ def fit(cfg: DictConfig, s: Setup, state: TrainState, run_dir: RunDir) -> None:
             if not done:
                 save_last()
                 stopped(f"stopped by {stop.name()} at epoch {epoch}, step {state.progress.step}; state saved to "
-                        f"{last_path}: run the same command again to resume", stop)
+                        f"{last_path}: {again}", stop)
                 continue
             val = evaluate(s.step_model, s.data.val, s.eval_batcher, rc.eval_batch_size, s.labels, "val", s.precision)
             val_auprc = val.macro["auprc"]
@@ -303,7 +315,7 @@ def fit(cfg: DictConfig, s: Setup, state: TrainState, run_dir: RunDir) -> None:
             log.info("epoch %d lr %.2e loss %.4f val AUROC %.4f AUPRC %.4f%s", epoch, lr,
                      state.history[-1]["train_loss"], val.macro["auroc"], val_auprc, " *" if improved else "")
             if stop.requested:  # arrived during evaluation: the epoch is saved, nothing to redo
-                stopped(f"stopped by {stop.name()} after epoch {epoch}; run the same command again to resume", stop)
+                stopped(f"stopped by {stop.name()} after epoch {epoch}; {again}", stop)
     bar.close()
 
 
@@ -373,11 +385,14 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
         if status == "finished":
             log.warning("%s: finished with the same settings, skipping (runtime.force=true runs it again)",
                         run_dir.path)
-            return pd.read_csv(results_path).iloc[0].to_dict()
+            try:
+                return read_run(run_dir.path).row
+            except BrokenRun as err:
+                raise NotYourRun(f"{err}; run it again from scratch with runtime.force=true") from err
 
         s = setup(cfg)
         optimizer, scheduler = make_optimizer(s.model, cfg.train)
-        state = TrainState(s.model, optimizer, scheduler, s.precision, s.device, s.fingerprint)
+        state = TrainState(s.model, optimizer, scheduler, s.precision, s.device, s.fingerprint, s.init.source)
         last_path = run_dir.path / "last.pt"
         if status == "resume":
             state.load_state_dict(atomic_io.load(last_path, fix="delete it to start this run over from epoch 1, "

@@ -23,8 +23,6 @@ from .registry import IMAGENET_MEAN, IMAGENET_STD, ModelInfo, Trunk, register
 # a /4 stem need about 30 px, and timm nets reach stride 32: 32 px suits every deep trunk here.
 DEEP_MIN_IMAGE_SIZE = 32
 
-DEFAULT_BACKBONE = "tf_efficientnet_lite0"
-DEFAULT_CUT = 3  # as conf/model/trunc.yaml
 
 # Cut points as the paper states them: the number of convolutions kept, counting the stem conv and
 # the three convs of each bottleneck (downsample convs not counted).
@@ -121,7 +119,9 @@ for _name, _blocks in DENSENET_CUTS.items():
 
 def timm_backbone(cfg: Mapping[str, Any]) -> nn.Module:
     """``cfg['backbone']`` built by timm without classifier or pooling (random weights)."""
-    backbone = str(cfg.backbone or DEFAULT_BACKBONE)
+    if not cfg.backbone:
+        raise UserError("model.backbone is not set: name a timm backbone, e.g. model.backbone=tf_efficientnet_lite0")
+    backbone = str(cfg.backbone)
     if not timm.is_model(backbone):
         close = difflib.get_close_matches(backbone, timm.list_models(), n=3)
         hint = f" Close names: {', '.join(close)}." if close else ""
@@ -153,7 +153,7 @@ def _timm_info(name: str, kind: str, cfg: Mapping[str, Any], trunk: nn.Module, n
     fixed = pretrained_cfg.get("fixed_input_size", False)
     min_size = int(pretrained_cfg["input_size"][-1]) if fixed else DEEP_MIN_IMAGE_SIZE
     return ModelInfo(
-        name=name, kind=kind, arch=str(cfg.backbone or DEFAULT_BACKBONE), family="timm",
+        name=name, kind=kind, arch=str(cfg.backbone), family="timm",
         source_prefix="", reused_prefixes=_state_prefixes(trunk), min_image_size=min_size,
         mean=tuple(pretrained_cfg.get("mean", IMAGENET_MEAN)), std=tuple(pretrained_cfg.get("std", IMAGENET_STD)),
         num_features=num_features)
@@ -168,12 +168,12 @@ def build_timm(name: str, cfg: Mapping[str, Any]) -> Trunk:
 @register("trunc")
 def build_trunc(name: str, cfg: Mapping[str, Any]) -> Trunk:
     trunk = timm_backbone(cfg)
-    backbone = str(cfg.backbone or DEFAULT_BACKBONE)
+    backbone = str(cfg.backbone)
     stages = getattr(trunk, "feature_info", None)
     if not hasattr(trunk, "prune_intermediate_layers") or not isinstance(stages, list):
         raise UserError(f"timm backbone {backbone!r} does not support truncation; use model=timm for it whole")
     valid = f"0..{len(stages) - 1}"
-    raw_cut = DEFAULT_CUT if cfg.cut is None else cfg.cut
+    raw_cut = cfg.cut
     try:
         cut = int(raw_cut)
     except (TypeError, ValueError):
