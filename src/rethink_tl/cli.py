@@ -104,7 +104,8 @@ _SWEEP_FAILURES: list[str] = []
 def _sweep_failed() -> None:
     n = len(_SWEEP_FAILURES)
     shown = "\n  ".join(_SWEEP_FAILURES[:10]) + ("\n  ..." if n > 10 else "")
-    _fail(f"{n} run(s) of the sweep failed (the others finished; their error.txt says why):\n  {shown}")
+    _fail(f"{n} run(s) of the sweep failed (the others finished; each failed run's error.txt says why, except "
+          f"where its folder holds another run):\n  {shown}")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="bench")

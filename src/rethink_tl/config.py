@@ -258,8 +258,8 @@ def _between(lo=None, hi=None, lo_open=False, hi_open=False):
             return False
         return hi is None or (v < hi if hi_open else v <= hi)
 
-    left = "" if lo is None else f"{'>' if lo_open else '>='} {lo:g}"
-    right = "" if hi is None else f"{'<' if hi_open else '<='} {hi:g}"
+    left = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
+    right = "" if hi is None else f"{'<' if hi_open else '<='} {hi}"
     return check, " and ".join(s for s in (left, right) if s)
 
 
@@ -267,7 +267,8 @@ def _between(lo=None, hi=None, lo_open=False, hi_open=False):
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 RANGES = {
     "train.epochs": _between(1, 100_000), "train.batch_size": _between(2, 1_000_000),
-    "train.lr": _between(0, 10, lo_open=True), "train.weight_decay": _between(0, 10), "train.seed": _between(0, SEED_MAX),
+    "train.lr": _between(0, 10, lo_open=True), "train.weight_decay": _between(0, 10),
+    "train.seed": _between(0, SEED_MAX),
     "train.lr_factor": _between(0, 1, True, True), "train.patience": _between(0), "train.early_stop": _between(0),
     "train.min_lr": _between(0, 10), "train.rotate_degrees": _between(0, 180),
     "train.scale_jitter": _between(0, 1, hi_open=True),

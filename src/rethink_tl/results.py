@@ -225,7 +225,10 @@ def _check_agree(row: dict, sid: str | None, settings: dict) -> None:
     for col, key in AGREE.items():
         if key in settings and settings[key] is not None:
             a, b = row[col], settings[key]
-            same = math.isclose(float(a), float(b)) if col in ("fraction", "seed") else str(a) == str(b)
+            try:
+                same = math.isclose(float(a), float(b)) if col in ("fraction", "seed") else str(a) == str(b)
+            except (TypeError, ValueError, OverflowError):
+                raise ValueError(f"{IDENTITY_FILE}: {key}={b!r} is not a number") from None
             if not same:
                 raise ValueError(f"{RESULTS_FILE} says {col}={a} but {IDENTITY_FILE} {key}={b}: "
                                  "the folder holds files of two different runs")
