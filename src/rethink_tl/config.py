@@ -368,8 +368,6 @@ def validate(cfg: DictConfig) -> None:
     if "runtime" in cfg and not _DEVICE.match(str(cfg.runtime.device)):
         raise UserError(f"runtime.device={cfg.runtime.device} is not a device: use auto, cpu, cuda or cuda:N")
     if "data" in cfg:
-        if "channels" in cfg.data and str(cfg.data.channels) not in ("auto", "1", "3"):
-            raise UserError(f"data.channels={cfg.data.channels}: it must be auto, 1 or 3")
         if cfg.data.get("cutoff_date"):
             from datetime import date
 

@@ -212,6 +212,10 @@ class Batcher:
     rotate_degrees: float = 0.0
     scale_jitter: float = 0.0
 
+    def __post_init__(self) -> None:
+        # (x - mean) / std = x * scale + shift: computed once here, not in every batch.
+        self.scale, self.shift = 1.0 / self.std, -self.mean / self.std
+
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda" and t.device.type == "cpu":
             # Page-locked memory lets the copy run asynchronously alongside the previous step.
@@ -229,7 +233,7 @@ class Batcher:
         # (x - mean) / std as one fused pass written straight into the 3-channel output in its final
         # memory format: a grayscale X-ray is broadcast to the 3 channels the networks expect instead
         # of being expanded, normalised and then copied again.
-        return torch.addcmul(-self.mean / self.std, x.expand(n, 3, h, w), 1.0 / self.std, out=out)
+        return torch.addcmul(self.shift, x.expand(n, 3, h, w), self.scale, out=out)
 
     def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         n = x.shape[0]

@@ -1,6 +1,6 @@
 """Dataset registry: ``build_data(cfg.data)`` -> DataBundle (train/val/test of uint8 images).
 
-The registry key is ``data.kind`` when the config has one, else ``data.name``: a config can then
+The registry key is ``data.kind`` (set by each schema in config.py), not ``data.name``: a config can then
 give its runs a name of their own (``name: ${.flag}`` for MedMNIST, ``data.name=covid`` for a CSV)
 while still being built by the same code.
 """
@@ -30,7 +30,7 @@ def register_dataset(name: str, labels: Callable[[Mapping], list[str]]):
 def _lookup(cfg: Mapping):
     from . import chexpert, csvlist, medmnist, synthetic_data  # noqa: F401  (register the built-in datasets)
 
-    name = cfg.kind or cfg["name"]
+    name = str(cfg.kind)
     if name not in DATASETS:
         raise UserError(f"unknown dataset '{name}': choose one of {', '.join(sorted(DATASETS))}")
     return DATASETS[name]

@@ -24,8 +24,6 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-RESIZE_MODES = ("pad", "crop", "stretch")
-RESCALE16_MODES = ("minmax", "full")
 # Modes whose samples do not fit in 8 bits and need an explicit rescale.
 _WIDE_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 _GREY_MODES = {"1", "L", "LA", "La", "I", "F", *_WIDE_MODES}
