@@ -13,7 +13,7 @@ DEMO_ARGS ?= data=synthetic data.image_size=64 data.num_samples=6000 data.fracti
              train.epochs=20 train.lr=3e-4 train.batch_size=32 runtime.progress=false \
              hydra.sweep.dir=$(DEMO_DIR)
 
-.PHONY: help install demo test clean
+.PHONY: help install demo test clean claims
 
 help:
 	@echo "make demo    TL vs RI on the embedded synthetic data with real EfficientNet-Lite0 weights (CPU, < 10 min)"
@@ -22,6 +22,7 @@ help:
 	@echo "make fig2    toy ROC/PR curves of classifiers A and B (paper Fig. 2), no training"
 	@echo "make fig3 ... fig7 [COVID_CSV=... CHEXPERT_ROOT=... CBR_WEIGHTS=...]   sweep + report of one paper figure"
 	@echo "make figures PROFILE=smoke   every figure end to end on synthetic data, offline (2-core CPU: about 8 min)"
+	@echo "make claims  claims 2 and 3 in miniature: EfficientNet-Lite0 RI vs TL, whole vs truncated, 3 seeds (CPU)"
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -41,6 +42,14 @@ test: $(STAMP)
 clean:
 	rm -rf runs multirun outputs demo_runs bench_runs
 
+# The paper's claims 2 (TL beats RI with little data) and 3 (a truncated network matches or beats the
+# whole one) in miniature, offline: real ImageNet weights (EfficientNet-Lite0), 5 % of the synthetic
+# training split, 3 seeds; table in $(CLAIMS_DIR)/summary.md, figure $(CLAIMS_DIR)/claims.png.
+CLAIMS_DIR ?= claims
+claims: $(STAMP)
+	$(RTL) train -m +experiment=claims hydra.sweep.dir=$(CLAIMS_DIR)/runs $(SWEEP_ARGS)
+	$(RTL) report $(CLAIMS_DIR)/runs --figure claims --out $(CLAIMS_DIR)
+
 # ---- Paper figures ---------------------------------------------------------------------------------
 # One target per figure: its sweeps (Hydra multiruns; finished runs are skipped, interrupted ones
 # resume), then `rtl report`. Every figure's runs go to one tree, $(RUNS)/<data>/<model>/<init>/
@@ -48,7 +57,7 @@ clean:
 # train it once; `rtl report --figure figN` keeps only the runs of figN's design
 # (conf/experiment/figN.yaml) and writes $(FIG_DIR)/figN/{summary.csv,summary.md,figN.png,figN.pdf}.
 #
-#   make fig3 COVID_CSV=/data/covid/images.csv COVID_CUTOFF=2020-05-01 CBR_WEIGHTS=/data/cbr
+#   make fig3 COVID_CSV=/data/covid/images.csv CBR_WEIGHTS=/data/cbr
 #   make fig4 CHEXPERT_ROOT=/data/CheXpert-v1.0-small
 #   make figures PROFILE=smoke      every figure end to end, offline, on a CPU (synthetic data)
 #   make figures ... LAUNCHER='hydra/launcher=slurm hydra.launcher.partition=gpu'   one SLURM job per run
@@ -58,10 +67,13 @@ FIG_DIR    ?= figures/$(PROFILE)
 RUNS       ?= $(FIG_DIR)/runs
 LAUNCHER   ?=
 SWEEP_ARGS ?=
-# Data (PROFILE=full). The COVID-like set is any image CSV (data=csv) with a prospective split.
+# Data (PROFILE=full). The COVID-like set is any image CSV (data=csv) with the paper's prospective
+# split: train and val from the images dated before COVID_CUTOFF, test on those dated on or after it, so
+# the CSV needs a date column (data.date_column, default "date"; `rtl data` checks it before any run).
+# COVID_CUTOFF=none splits at random by patient instead, and the figures' subtitles say so.
 COVID_CSV     ?=
 COVID_NAME    ?= covid
-COVID_CUTOFF  ?=
+COVID_CUTOFF  ?= 2020-06-30
 CHEXPERT_ROOT ?=
 # CBR nets have no public ImageNet weights: CBR_WEIGHTS is a folder of <model>.pth (cbr_large_t.pth,
 # cbr_large_w.pth, cbr_small.pth, cbr_tiny.pth), e.g. your own ImageNet pretraining. Without it the
@@ -71,15 +83,17 @@ CBR_WEIGHTS   ?=
 CBR_MODELS ?= cbr_large_t,cbr_large_w,cbr_small,cbr_tiny
 FIG3_DEEP  ?= dens_f,res_f
 FIG4_DEEP  ?= $(FIG3_DEEP)
-FIG5_DEEP  ?= res_f,res_t1,res_t2,res_t3,res_t4,res_t5,dens_f,dens_t1,dens_t2,dens_t3
+FIG5_DEEP  ?= dens_t1,dens_t2,dens_t3,dens_f
+FIG5_CBR   ?= cbr_small
 FIG6_DEEP  ?= dens_t1,dens_t2,dens_t3,dens_s1,dens_s2,dens_s3,dens_f
 FIG7_DEEP  ?= dens_t1,dens_t2,dens_t3,dens_f
 FIG3_ALL   := $(CBR_MODELS),$(FIG3_DEEP)
 FIG4_ALL   := $(CBR_MODELS),$(FIG4_DEEP)
 
 ifeq ($(PROFILE),full)
-COVID_DATA    := data.csv=$(COVID_CSV) data.name=$(COVID_NAME) $(if $(COVID_CUTOFF),data.cutoff_date=$(COVID_CUTOFF))
-CHEXPERT_DATA := data.root=$(CHEXPERT_ROOT)
+COVID_DATA    := data=csv data.csv=$(COVID_CSV) data.name=$(COVID_NAME) \
+                 $(if $(filter none,$(COVID_CUTOFF)),,data.cutoff_date=$(COVID_CUTOFF))
+CHEXPERT_DATA := data=chexpert data.root=$(CHEXPERT_ROOT)
 COVID_RUNS    := $(RUNS)/$(COVID_NAME)
 CHEXPERT_RUNS := $(RUNS)/chexpert
 PROFILE_ARGS  :=
@@ -122,13 +136,17 @@ endif
 # $(call sweep,EXPERIMENT,DATA ARGS,MODELS,INIT[,EXTRA ARGS])
 sweep = $(RTL) train -m +experiment=$(1) $(2) model=$(3) init=$(4) $(5) $(PROFILE_ARGS) \
         hydra.sweep.dir=$(RUNS) $(LAUNCHER) $(SWEEP_ARGS)
-# $(call cbr_tl,EXPERIMENT,DATA ARGS): the CBR TL sweep, or a note that it is skipped
-cbr_tl = $(if $(CBR_TL),$(call sweep,$(1),$(2),$(CBR_MODELS),pretrained,$(CBR_TL)),\
-         @echo "$(1): CBR TL runs skipped: set CBR_WEIGHTS=DIR holding cbr_large_t.pth ... cbr_tiny.pth")
+# $(call cbr_tl,EXPERIMENT,DATA ARGS[,MODELS]): the CBR TL sweep, or a note that it is skipped
+cbr_tl = $(if $(CBR_TL),$(call sweep,$(1),$(2),$(or $(3),$(CBR_MODELS)),pretrained,$(CBR_TL)),\
+         @echo "$(1): CBR TL runs skipped: set CBR_WEIGHTS=DIR holding $(or $(3),cbr_large_t ... cbr_tiny).pth")
 # $(call report,EXPERIMENT,RUN DIR)
 report = $(RTL) report $(2) --figure $(1) --out $(FIG_DIR)/$(1) $(if $(NOTE),--note '$(NOTE)')
 # $(call need,VARIABLE): stop with a message when PROFILE=full lacks a data path
 need = $(if $(filter full,$(PROFILE)),@test -n "$($(1))" || { echo "make $@: set $(1)=PATH to the real data; or use PROFILE=smoke (synthetic data)" >&2; exit 2; })
+# $(call check_data,DATA ARGS): read the tables and compute the split, no image decoded, before any run:
+# a CSV without its date column (or any other data problem) stops here, not in every run of the sweep
+check_data = $(if $(filter full,$(PROFILE)),@$(RTL) data $(1) || { echo "make $@: fix the data settings above$(2)" >&2; exit 2; })
+COVID_HINT := ; a CSV without dates needs COVID_CUTOFF=none (random split by patient, not the paper's prospective split)
 
 .PHONY: figures fig2 fig3 fig4 fig5 fig6 fig7 clean-smoke
 .NOTPARALLEL:
@@ -143,6 +161,7 @@ fig2: $(STAMP)
 
 fig3: $(STAMP) $(NEEDS)
 	$(call need,COVID_CSV)
+	$(call check_data,$(COVID_DATA),$(COVID_HINT))
 	$(call sweep,fig3,$(COVID_DATA),$(FIG3_ALL),random)
 	$(call sweep,fig3,$(COVID_DATA),$(FIG3_DEEP),pretrained,$(DEEP_TL))
 	$(call cbr_tl,fig3,$(COVID_DATA))
@@ -150,6 +169,7 @@ fig3: $(STAMP) $(NEEDS)
 
 fig4: $(STAMP) $(NEEDS)
 	$(call need,CHEXPERT_ROOT)
+	$(call check_data,$(CHEXPERT_DATA))
 	$(call sweep,fig4,$(CHEXPERT_DATA),$(FIG4_ALL),random)
 	$(call sweep,fig4,$(CHEXPERT_DATA),$(FIG4_DEEP),pretrained,$(DEEP_TL))
 	$(call cbr_tl,fig4,$(CHEXPERT_DATA))
@@ -157,17 +177,20 @@ fig4: $(STAMP) $(NEEDS)
 
 fig5: $(STAMP) $(NEEDS)
 	$(call need,CHEXPERT_ROOT)
+	$(call check_data,$(CHEXPERT_DATA))
 	$(call sweep,fig5,$(CHEXPERT_DATA),$(FIG5_DEEP),pretrained,$(DEEP_TL))
-	$(call cbr_tl,fig5,$(CHEXPERT_DATA))
+	$(call cbr_tl,fig5,$(CHEXPERT_DATA),$(FIG5_CBR))
 	$(call report,fig5,$(CHEXPERT_RUNS))
 
 fig6: $(STAMP) $(NEEDS)
 	$(call need,COVID_CSV)
+	$(call check_data,$(COVID_DATA),$(COVID_HINT))
 	$(call sweep,fig6,$(COVID_DATA),$(FIG6_DEEP),pretrained,$(DEEP_TL))
 	$(call report,fig6,$(COVID_RUNS))
 
 fig7: $(STAMP) $(NEEDS)
 	$(call need,COVID_CSV)
+	$(call check_data,$(COVID_DATA),$(COVID_HINT))
 	$(call sweep,fig7,$(COVID_DATA),$(FIG7_DEEP),pretrained,$(DEEP_TL))
 	$(call cbr_tl,fig7,$(COVID_DATA))
 	$(call report,fig7,$(COVID_RUNS))

@@ -122,7 +122,8 @@ def sync_check(device: str, amp: str, sizes: Sizes) -> Check:
     precision = engine.resolve_precision(str(cfg.runtime.amp), dev)
     name = f"no sync per step ({precision.name})"
     torch.manual_seed(0)
-    model = build_model(cfg.model, num_labels=2).to(dev, memory_format=torch.channels_last)
+    model = build_model(cfg.model, num_labels=2, image_size=sizes.image_size).to(
+        dev, memory_format=torch.channels_last)
     batcher, _ = engine.make_batchers(model.info, cfg.train, cfg.runtime, dev)
     optimizer, _ = engine.make_optimizer(model, cfg.train)
     loss_fn = engine.masked_bce(None)

@@ -31,6 +31,18 @@ def compose_cfg(overrides=()):
         return compose(config_name="config", overrides=list(overrides))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny forwards: they gain nothing from threads, and on a busy 2-core
+    box OpenMP spinning makes them crawl. Modules opt in with pytestmark = usefixtures("one_thread")."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_cfg():
     def make(*extra):

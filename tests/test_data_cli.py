@@ -105,4 +105,5 @@ def test_chexpert_missing_images(tmp_path):
         p.unlink()
     assert_user_error(rtl(tmp_path, "data=chexpert"), "data.root is not set")
     proc = rtl(tmp_path, "data=chexpert", f"data.root={root}")
-    assert_user_error(proc, "3 of 10 images cannot be used", "patient00001/study1/view1_frontal.jpg (missing)")
+    # 10 patients, a lateral view for the even ones: 15 images, all of train.csv.
+    assert_user_error(proc, "3 of 15 images cannot be used", "patient00001/study1/view1_frontal.jpg (missing)")

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import compose_cfg
 from datagen import make_csv
-from rethink_tl.data import build_data, dataset_labels
+from rethink_tl.data import build_data, dataset_labels, plan
 from rethink_tl.errors import UserError
 
 
@@ -129,3 +129,74 @@ def test_bad_tables(tmp_path):
         build_data(data_cfg(path, "data.path_column=file"))
     with pytest.raises(UserError, match="data.csv is not set"):
         build_data(compose_cfg(["data=csv"]).data)
+
+
+def patients(csv, data):
+    table = pd.read_csv(csv).set_index("path")
+    return {name: set(table.loc[s.ids, "patient_id"]) for name, s in data.splits().items()}
+
+
+def test_split_by_image_is_grouping_by_row(csv, tmp_path):
+    by_image = build_data(data_cfg(csv, "data.split_by=image"))
+    # Exactly the split of the same CSV without a patient column (every image its own group):
+    # ceil(0.2 * 30) = 6 test images, ceil(0.2 * 24) = 5 val images.
+    no_patients = tmp_path / "images.csv"
+    pd.read_csv(csv).drop(columns="patient_id").to_csv(no_patients, index=False)
+    assert {k: s.ids for k, s in by_image.splits().items()} == {
+        k: s.ids for k, s in build_data(data_cfg(no_patients, f"data.root={csv.parent}")).splits().items()}
+    assert sizes(by_image) == [19, 5, 6]
+    pats = patients(csv, by_image)
+    assert pats["train"] & (pats["val"] | pats["test"]) or pats["val"] & pats["test"]  # a patient on two sides
+    assert by_image.split_rule == "random by image: test 0.2 of images, val 0.2 of the rest (split seed 0)"
+    by_patient = build_data(data_cfg(csv))
+    pats = patients(csv, by_patient)
+    assert not (pats["train"] & pats["val"] or pats["train"] & pats["test"] or pats["val"] & pats["test"])
+    assert by_patient.split_rule == "random by patient: test 0.2 of patients, val 0.2 of the rest (split seed 0)"
+
+
+def test_split_by_image_before_a_cutoff(csv, tmp_path):
+    # Test is still every image from the cutoff on; val = ceil(0.2 * 20) = 4 of the 20 earlier images,
+    # chosen one by one as if there were no patient column.
+    data = build_data(data_cfg(csv, "data.cutoff_date=2020-03-21", "data.split_by=image"))
+    no_patients = tmp_path / "images.csv"
+    pd.read_csv(csv).drop(columns="patient_id").to_csv(no_patients, index=False)
+    alone = build_data(data_cfg(no_patients, f"data.root={csv.parent}", "data.cutoff_date=2020-03-21"))
+    assert {k: s.ids for k, s in data.splits().items()} == {k: s.ids for k, s in alone.splits().items()}
+    assert sizes(data) == [16, 4, 10]
+    assert data.split_rule == ("date: train/val before 2020-03-21, test on or after (val: 0.2 of images, "
+                               "split seed 0)")
+    assert build_data(data_cfg(csv, "data.cutoff_date=2020-03-21")).split_rule == (
+        "date: train/val before 2020-03-21, test on or after (val: 0.2 of patients, split seed 0)")
+
+
+def test_plan_without_a_date_column_stops_before_any_image(tmp_path):
+    path = make_csv(tmp_path, n=10)
+    pd.read_csv(path).drop(columns="date").to_csv(path, index=False)
+    with pytest.raises(UserError, match=r"has no column 'date' .*needed by data.cutoff_date; set data.date_column"):
+        plan(data_cfg(path, "data.cutoff_date=2020-06-30"))
+    with pytest.raises(UserError, match=r"has no column 'when' .*data.date_column"):
+        plan(data_cfg(path, "data.cutoff_date=2020-06-30", "data.date_column=when"))
+
+
+def test_plan_counts_and_balances_from_the_table_alone(csv, tmp_path):
+    # The table without its images: the plan needs none.
+    table = pd.read_csv(csv, keep_default_na=False)
+    table.to_csv(tmp_path / "images.csv", index=False)
+    text = plan(data_cfg(tmp_path / "images.csv", "data.cutoff_date=2020-03-21", "data.name=covid"))
+    lines = text.splitlines()
+    assert lines[0] == ("covid: date: train/val before 2020-03-21, test on or after (val: 0.2 of patients, "
+                        "split seed 0)")
+    # Before the cutoff: patients p00..p09 (images 0..19), covid = patient number % 2. Split seed 0 puts
+    # two even (covid-negative) patients in val: val has no covid positive, which the plan shows before
+    # a run would stop on it; train keeps 10 positive, 6 negative images. Opacity cycles 1 / 0 / -1 /
+    # blank, U-Ones: one positive image in every pair. Test = images 20..29: covid for 22, 23, 26, 27.
+    assert lines[1:] == ["  train: 16 images; balance covid 1:0.60; opacity 1:1.00",
+                         "  val: 4 images; balance covid 1:inf; opacity 1:1.00",
+                         "  test: 10 images; balance covid 1:1.50; opacity 1:1.00"]
+    data = build_data(data_cfg(csv, "data.cutoff_date=2020-03-21"))
+    assert [f"  {k}: {len(s)} images; balance {data.balance(k)}" for k, s in data.splits().items()] == lines[1:]
+    assert all(int(p[1:]) % 2 == 0 for p in patients(csv, data)["val"])
+    # A training fraction: the subset's size and the seed that drew it.
+    half = plan(data_cfg(tmp_path / "images.csv", "data.cutoff_date=2020-03-21", "data.fraction=0.5",
+                         "data.subset_seed=3")).splitlines()
+    assert half[1].startswith("  train: 8 images (data.fraction=0.5 of 16: subset seed 3, data.subset=fixed); ")

@@ -21,8 +21,8 @@ from rethink_tl.errors import UserError
 from datagen import write_image
 
 
-def spec(size=32, **kw):
-    return ImageSpec(size=size, **kw)
+def spec(size=32, resize="crop", **kw):
+    return ImageSpec(size=size, resize=resize, **kw)
 
 
 def test_16_bit_png_is_rescaled_not_clipped(tmp_path):
@@ -134,7 +134,7 @@ def test_second_load_decodes_nothing_and_touching_a_file_decodes_only_it(tmp_pat
     assert count_decodes == []
     np.testing.assert_array_equal(again.images, first.images)
     # The cached arrays are exactly what decoding gives.
-    np.testing.assert_array_equal(again.images[3], decode_image(paths[3], ImageSpec(24)))
+    np.testing.assert_array_equal(again.images[3], decode_image(paths[3], ImageSpec(24, "crop")))
 
     st = os.stat(paths[5])
     os.utime(paths[5], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
@@ -142,7 +142,7 @@ def test_second_load_decodes_nothing_and_touching_a_file_decodes_only_it(tmp_pat
     before = entries(tmp_path)
     changed = load_images(paths, cfg(tmp_path), label="t", anchor=tmp_path)
     assert count_decodes == [paths[5]]  # the other 11 rows come from the old entry
-    np.testing.assert_array_equal(changed.images[5], decode_image(paths[5], ImageSpec(24)))
+    np.testing.assert_array_equal(changed.images[5], decode_image(paths[5], ImageSpec(24, "crop")))
     np.testing.assert_array_equal(np.delete(changed.images, 5, 0), np.delete(first.images, 5, 0))
     after = entries(tmp_path)
     assert len(before) == len(after) == 1 and before != after  # the superseded entry is gone
@@ -152,12 +152,25 @@ def test_other_settings_make_other_entries(tmp_path, count_decodes):
     paths = make_files(tmp_path / "img", n=4)
     load_images(paths, cfg(tmp_path), label="t", anchor=tmp_path)
     load_images(paths, cfg(tmp_path, image_size=16), label="t", anchor=tmp_path)
-    load_images(paths, cfg(tmp_path, resize="crop"), label="t", anchor=tmp_path)
+    load_images(paths, cfg(tmp_path, resize="pad"), label="t", anchor=tmp_path)
     assert len(count_decodes) == 12 and len(entries(tmp_path)) == 3
     # A subset of the same files (e.g. frontal_only) gets its own entry built from the old rows.
     count_decodes.clear()
     sub = load_images(paths[:2], cfg(tmp_path), label="t", anchor=tmp_path)
     assert count_decodes == [] and sub.images.shape == (2, 1, 24, 24)
+
+
+def test_default_geometry_is_the_papers_centre_crop(tmp_path):
+    # "Cropped and resized to 224x224": a 2:1 film whose outer quarters are black loses exactly them.
+    a = np.full((32, 64), 255, dtype=np.uint8)
+    a[:, :16] = a[:, 48:] = 0
+    Image.fromarray(a).save(tmp_path / "wide.png")
+    assert str(cfg(tmp_path).resize) == "crop"
+    out = load_images([str(tmp_path / "wide.png")], cfg(tmp_path, image_size=32), label="t", anchor=tmp_path)
+    assert out.images.shape == (1, 1, 32, 32) and (out.images[0] == 255).all()
+    padded = load_images([str(tmp_path / "wide.png")], cfg(tmp_path, image_size=32, resize="pad"), label="t",
+                         anchor=tmp_path).images[0, 0]
+    assert (padded[:8] == 0).all() and (padded[12:20, :6] == 0).all() and (padded[12:20, 12:20] == 255).all()
 
 
 def test_cache_off_decodes_every_time(tmp_path, count_decodes):

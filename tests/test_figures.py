@@ -40,7 +40,7 @@ def assert_readable(fig):
             assert ax.get_ylabel(), ax.get_title()
 
 
-@pytest.mark.parametrize("figure", ["fig3", "fig4", "fig6", "fig7"])
+@pytest.mark.parametrize("figure", ["fig3", "fig4", "fig5", "fig6", "fig7", "claims"])
 def test_every_figure_draws_with_error_bars(tmp_path, figure):
     summary, plan = fabricated_summary(tmp_path, figure)
     fig = figures.FIGURES[figure](summary, plan.models, "a note")
@@ -70,28 +70,44 @@ def test_one_seed_has_no_error_bars_and_says_so(tmp_path):
     assert all(len(bars(ax)) == 3 for ax in fig.axes)
 
 
-def test_fig5_picks_the_best_of_each_family_on_validation(tmp_path):
-    # Test scores favour res_t2 within the ResNet family, validation favours res_t4: the figure must
-    # follow validation. DenseNet121 TL has test AUROC 0.80 everywhere.
+def test_fig5_is_the_relative_change_over_densenet121_tl_of_the_papers_four_models(tmp_path):
+    # Every metric of a model is BASE[model] + 0.01 * (seed - 1): means BASE, sd 0.01 over the 3 seeds.
+    base = {"dens_f": 0.80, "cbr_small": 0.76, "dens_t1": 0.80, "dens_t2": 0.88, "dens_t3": 0.84}
+
     def values(model, init, fraction, seed):
-        test = {"dens_f": 0.80, "res_t2": 0.95, "res_t4": 0.85}.get(model, 0.7)
-        val = {"res_t4": 0.9, "res_t2": 0.6, "dens_t3": 0.9}.get(model, 0.5)
-        out = {}
-        for split, v in (("val", val), ("test", test)):
-            for metric in ("auroc", "auprc"):
-                out[f"{split}_{metric}"] = v
-                out.update({f"{split}_{metric}_{lab}": v for lab in ("opacity", "nodule")})
-        return out
+        v = base[model] + 0.01 * (seed - 1)
+        return {f"{split}_{metric}{lab}": v for split in ("val", "test") for metric in ("auroc", "auprc", "auprc_trapz")
+                for lab in ("", "_opacity", "_nodule")}
 
     summary, plan = fabricated_summary(tmp_path, "fig5", values=values)
+    assert plan.models == ["cbr_small", "dens_t1", "dens_t2", "dens_t3", "dens_f"] and plan.inits == ["pretrained"]
     fig = figures.fig5(summary, plan.models)
-    legend = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert legend == ["CBR: CBR-LargeT", "ResNet50: Res-T4", "DenseNet121: Dens-T3"]
-    resnet = bars(fig.axes[0])[1]
-    assert [b.get_height() for b in resnet] == pytest.approx([0.05, 0.05, 0.05])  # 0.85 - 0.80, per label and macro
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["CBR-Small", "Dens-T1", "Dens-T2", "Dens-T3"]
+    assert len(fig.axes) == 2 and "AUROC" in fig.axes[0].get_title() and "AUPRC" in fig.axes[1].get_title()
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["opacity", "nodule", "macro mean"]
+    for ax in fig.axes:
+        drawn = bars(ax)
+        errors = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+        for model, container, err in zip(["cbr_small", "dens_t1", "dens_t2", "dens_t3"], drawn, errors):
+            ratio = base[model] / 0.80
+            assert [b.get_height() for b in container] == pytest.approx([100 * (ratio - 1)] * 3)
+            # delta method: 100 * ratio * sqrt((0.01 / m)^2 + (0.01 / ref)^2), drawn as +- that around the bar
+            sd = 100 * ratio * np.hypot(0.01 / base[model], 0.01 / 0.80)
+            lengths = [seg[1][1] - seg[0][1] for seg in err.lines[2][0].get_segments()]
+            assert lengths == pytest.approx([2 * sd] * 3)
+    metrics = figures.fig5(summary, plan.models, metrics=("auprc_trapz",))
+    assert len(metrics.axes) == 1 and "AUPRC (trapezoid)" in metrics.axes[0].get_title()
     without_reference = summary[summary.model != "dens_f"]
     with pytest.raises(UserError, match="DenseNet121 TL"):
         figures.fig5(without_reference, plan.models)
+
+
+def test_a_metric_the_runs_did_not_record_is_refused_not_left_blank(tmp_path):
+    summary, plan = fabricated_summary(tmp_path, "fig7", seeds=(0, 1))  # write_run records auroc and auprc only
+    with pytest.raises(UserError, match="have no test auprc_trapz"):
+        figures.draw("fig7", summary, tmp_path / "out", plan.models, metrics=("auprc_trapz",))
+    with pytest.raises(UserError, match="choose from auroc, auprc, auprc_trapz"):
+        figures.draw("fig7", summary, tmp_path / "out", plan.models, metrics=("ap",))
 
 
 def test_fig6_lines_end_at_densenet121(tmp_path):

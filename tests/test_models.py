@@ -7,11 +7,11 @@ import timm
 import torch
 import torchvision
 from torch import nn
-from omegaconf import OmegaConf
 from torchvision.models.densenet import _DenseLayer
 
 import rethink_tl
 
+from rethink_tl.config import identity
 from rethink_tl.errors import UserError
 from conftest import compose_cfg
 from rethink_tl.models import MODEL_NAMES, Classifier, ModelInfo, build_model, check_image_size
@@ -28,13 +28,7 @@ CONF_MODEL = Path(rethink_tl.__file__).parent / "conf" / "model"
 RESNET_CONVS = {"res_t1": 25, "res_t2": 37, "res_t3": 43, "res_t4": 46, "res_t5": 49}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny inputs gain nothing from threads, and on a busy 2-core box OpenMP spinning makes them crawl.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _forward(model: nn.Module, size: int, batch: int = 2) -> torch.Tensor:
@@ -71,8 +65,21 @@ def test_every_model_builds_and_predicts_from_its_config_file(name):
         assert any(k.startswith(prefix) for k in trunk_keys), prefix
 
 
+# Config files that are a registered model with fixed options (model=lite0_t2 is model=trunc
+# model.backbone=tf_efficientnet_lite0 model.cut=2), not models of their own.
+PRESETS = {"lite0_t2": ("trunc", 2), "lite0_t3": ("trunc", 3)}
+
+
 def test_every_config_file_names_a_model():
-    assert sorted(p.stem for p in CONF_MODEL.glob("*.yaml")) == sorted(MODEL_NAMES)
+    assert sorted(p.stem for p in CONF_MODEL.glob("*.yaml")) == sorted([*MODEL_NAMES, *PRESETS])
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_a_preset_is_the_same_setting_as_the_model_it_names(preset):
+    name, cut = PRESETS[preset]
+    a = compose_cfg([f"model={preset}"])
+    b = compose_cfg([f"model={name}", "model.backbone=tf_efficientnet_lite0", f"model.cut={cut}"])
+    assert identity(a) == identity(b) and a.model.tag == f"trunc-tf_efficientnet_lite0-cut{cut}"
 
 
 def test_config_tags_name_each_model_once():

@@ -57,9 +57,9 @@ SHORT = {"CBR_MODELS": "cbr_tiny", "FIG3_DEEP": "dens_f", "FIG5_DEEP": "dens_f,d
 EXPECTED = {  # figure -> (models, inits) drawn, at the design's fractions that were run
     "fig3": ({"cbr_tiny", "dens_f"}, {"random", "pretrained"}),
     "fig4": ({"cbr_tiny", "dens_f"}, {"random", "pretrained"}),
-    "fig5": ({"cbr_tiny", "dens_f", "dens_t1"}, {"pretrained"}),
+    "fig5": ({"cbr_small", "dens_f", "dens_t1"}, {"pretrained"}),  # fig5's CBR net is CBR-Small (FIG5_CBR)
     "fig6": ({"dens_t1", "dens_s1", "dens_f"}, {"pretrained"}),
-    "fig7": ({"cbr_tiny", "dens_t1", "dens_f"}, {"pretrained"}),
+    "fig7": ({"cbr_tiny", "cbr_small", "dens_t1", "dens_f"}, {"pretrained"}),  # cbr_small: fig5's runs
 }
 
 
@@ -79,9 +79,10 @@ def test_make_figures_smoke_profile(tmp_path):
         assert set(zip(summary.model, summary.init, summary.fraction)) == {
             (m, i, f) for m in models for i in inits for f in fractions}, figure
         assert (summary.n == 1).all() and (summary.dataset == "synthetic").all()
-    # Runs are shared: the 100 % CBR and DenseNet121 runs of fig3 served fig4, fig5 and fig7 as well.
+    # Runs are shared: the 100 % CBR and DenseNet121 runs of fig3 served fig4, fig5 and fig7 as well
+    # (12 runs), and fig5 added CBR-Small TL at both fractions (SWEEP_ARGS), which fig7 draws too.
     runs = list((out / "runs").rglob("results.csv"))
-    assert len(runs) == 12
+    assert len(runs) == 14
     (dens_f_tl,) = (out / "runs/synthetic/dens_f/pretrained/f1").glob("s0-*/results.csv")
     stand_in = pd.read_csv(dens_f_tl).weights[0]
     assert "standin-weights/dens_f.pth" in stand_in

@@ -8,7 +8,9 @@ from omegaconf import OmegaConf
 from rethink_tl import atomic_io as checkpoint
 from rethink_tl.data import build_data
 from rethink_tl.models import build_model
-from rethink_tl.engine import Batcher, evaluate, make_optimizer
+from sklearn.metrics import auc, precision_recall_curve
+
+from rethink_tl.engine import Batcher, evaluate, make_optimizer, predict
 from rethink_tl.train import run
 
 
@@ -62,6 +64,18 @@ def test_run_writes_outputs_and_tests_the_best_validation_epoch(tmp_path, tiny_c
                 "val_auprc", "test_auroc", "test_auprc", "test_auprc_opacity", "train_seconds", "images_per_s"):
         assert col in results.columns, col
     assert results.strategy[0] == "RI" and results.params[0] == sum(p.numel() for p in model.parameters())
+
+    # The trapezoid AUPRC (the paper's authors' code) is recorded beside average precision, macro and per label,
+    # and is sklearn.metrics.auc(recall, precision) of best.pt's test predictions.
+    probs = predict(model, data.test, batcher, 64)
+    trapz = []
+    for j, label in enumerate(data.label_names):
+        precision, recall, _ = precision_recall_curve(data.test.labels[:, j].numpy(), probs[:, j])
+        trapz.append(auc(recall, precision))
+        assert results[f"test_auprc_trapz_{label}"][0] == pytest.approx(trapz[-1], abs=1e-6)
+        assert results[f"test_auprc_{label}"][0] != pytest.approx(trapz[-1], abs=1e-6)
+    assert results["test_auprc_trapz"][0] == pytest.approx(sum(trapz) / len(trapz), abs=1e-6)
+    assert {"val_auprc_trapz", "val_auprc_trapz_nodule"} <= set(metrics.columns)
 
 
 def test_same_seed_gives_identical_metrics(tmp_path, tiny_cfg):

@@ -24,12 +24,7 @@ RESNET_FILE = "resnet50-0676ba61.pth"
 LITE0_FILE = "efficientnet-lite0-57934424.pth"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

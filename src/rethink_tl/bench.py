@@ -97,7 +97,7 @@ def peak_memory(device: torch.device) -> Iterator[PeakMemory]:
 
 def _fresh(cfg: DictConfig, num_labels: int, device: torch.device, channels_last: bool):
     torch.manual_seed(0)
-    model = build_model(cfg.model, num_labels=num_labels)
+    model = build_model(cfg.model, num_labels=num_labels, image_size=int(cfg.data.image_size))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device=device, memory_format=fmt)
     optimizer, _ = make_optimizer(model, cfg.train)
@@ -293,7 +293,7 @@ def run_bench(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     precision = resolve_precision(str(cfg.runtime.amp), device)
     size, batch = int(cfg.data.image_size), int(tc.batch_size)
     steps, warmup = int(bc.steps), int(bc.warmup)
-    model = build_model(cfg.model, num_labels=1)
+    model = build_model(cfg.model, num_labels=1, image_size=size)
     check_image_size(model, size)
     params = sum(p.numel() for p in model.parameters())
     del model

@@ -2,7 +2,9 @@
 
     rtl train [OVERRIDES]        one run, e.g. rtl train model=dens_t1 init=pretrained
     rtl train -m [OVERRIDES]     a sweep, e.g. rtl train -m model=dens_t1,dens_f init=random,pretrained
+    rtl data [OVERRIDES]         the split a run would train on (rule, images, class balance), no image read
     rtl report DIR               gather every run below DIR into DIR/summary.csv and summary.md
+                                 (--figure figN, --metric auroc,auprc,auprc_trapz, --out DIR)
     rtl bench [OVERRIDES]        images/s of the bare model step, the rtl loop and a naive loop
 
 User errors print one line and exit 2; anything else is a bug and keeps its traceback.
@@ -119,6 +121,25 @@ def _bench(cfg: DictConfig) -> None:
     print(format_row(row))
 
 
+def _data(overrides: list[str]) -> None:
+    """``rtl data [overrides]``: the split a run with these settings would train on (split rule, images and
+    class balance per split), from the tables alone; no image is decoded and nothing is written. The
+    figure targets call it before their sweeps, so that a data problem stops them before any training."""
+    from hydra import compose, initialize_config_module
+
+    from .config import validate
+    from .data import UnusableSplit, plan
+
+    with initialize_config_module(config_module="rethink_tl.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    validate(cfg)
+    try:
+        print(plan(cfg.data, train_seed=int(cfg.train.seed), check=True))
+    except UnusableSplit as err:
+        print(err.text)
+        raise
+
+
 def _report(argv: list[str]) -> None:
     from .report import report
 
@@ -130,9 +151,14 @@ def _report(argv: list[str]) -> None:
                         "(fig2 needs no runs: DIR is where it goes)")
     parser.add_argument("--out", metavar="OUT", help="write tables and figure here (default: DIR)")
     parser.add_argument("--note", default="", help="a line added under the figure title, e.g. what a profile stands in for")
+    parser.add_argument("--metric", default="auroc,auprc", metavar="M[,M]",
+                        help="the metrics of the tables and of the figure's rows of panels, comma-separated, from "
+                        "auroc, auprc (average precision) and auprc_trapz (trapezoid PR area, as the paper's authors' "
+                        "code computes it); default auroc,auprc. summary.csv always has every recorded metric")
     args = parser.parse_args(argv)
+    metrics = tuple(m.strip() for m in args.metric.split(",") if m.strip())
     try:
-        done = report(args.dir, figure=args.figure, out=args.out, note=args.note)
+        done = report(args.dir, figure=args.figure, out=args.out, note=args.note, metrics=metrics)
     except UserError as err:
         _fail(str(err))
     print(done.text)
@@ -175,6 +201,13 @@ def main(argv: list[str] | None = None) -> None:
             where = f" {err.filename}" if err.filename else ""
             _fail(f"cannot write{where}: {err.strerror or err}; choose a writable output folder with "
                   "hydra.run.dir=... (or hydra.sweep.dir=... for -m)")
+    elif command == "data":
+        try:
+            _data(_moved_keys(rest))
+        except UserError as err:
+            _fail(str(err))
+        except (HydraException, OmegaConfBaseException) as err:
+            _fail(_hydra_message(err))
     elif command == "report":
         try:
             _report(rest)
@@ -182,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
             where = f" {err.filename}" if err.filename else ""
             _fail(f"cannot write{where}: {err.strerror or err}; choose a writable folder with --out")
     else:
-        _fail(f"unknown command '{command}': use one of train, report, bench (rtl --help)")
+        _fail(f"unknown command '{command}': use one of train, data, report, bench (rtl --help)")
 
 
 if __name__ == "__main__":

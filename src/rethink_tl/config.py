@@ -63,9 +63,19 @@ class Uncertain(Choice):
 
 
 class Resize(Choice):
+    crop = "crop"  # centre square, as the paper ("cropped and resized to 224x224")
     pad = "pad"  # keep the whole film, black bars
-    crop = "crop"  # centre square
     stretch = "stretch"
+
+
+class SplitBy(Choice):
+    patient = "patient"  # no patient in two splits
+    image = "image"  # every image on its own, as the paper's random CheXpert split (leaks patients)
+
+
+class SubsetRule(Choice):
+    fixed = "fixed"  # one training subset (data.subset_seed) for every train.seed
+    per_seed = "per_seed"  # subset seed = data.subset_seed + train.seed
 
 
 class Rescale16(Choice):
@@ -78,6 +88,11 @@ class OnBadImage(Choice):
     skip = "skip"  # drop them with a warning
 
 
+class Head(Choice):
+    pool = "pool"  # global average pool of the last feature map (C inputs to the Linear layer), the default
+    flatten = "flatten"  # the whole last feature map (C*H*W inputs), as the authors' code does for DenseNets
+
+
 # --- model, init ------------------------------------------------------------------------------------
 
 @dataclass
@@ -86,6 +101,11 @@ class ModelConfig:
     tag: str = "${.name}"  # how results and run directories name the model (aliases record their target)
     backbone: Optional[str] = None  # model=timm / model=trunc: any timm backbone
     cut: Optional[int] = None  # model=trunc: cut after this feature stage (0-based, timm's count)
+    # What the Linear layer reads: pool (default) averages the last feature map over space; flatten keeps
+    # its spatial detail, so the head is sized for data.image_size and only fits images of that size.
+    head: Head = Head.pool
+    # Dropout(p) just before the Linear layer (the authors' CBR nets use 0.1); 0, the default, adds none.
+    dropout: float = 0.0
 
 
 @dataclass
@@ -107,6 +127,9 @@ class DataConfig:
     image_size: int = 224
     fraction: float = 1.0  # stratified share of the training split, chosen by subset_seed
     subset_seed: int = 0
+    # fixed: every train.seed trains on the same subset (the paper); per_seed: the subset is drawn with
+    # subset_seed + train.seed, so the subset's own variance enters the error bars over seeds
+    subset: SubsetRule = SubsetRule.fixed
 
 
 @dataclass
@@ -126,7 +149,7 @@ class SyntheticData(DataConfig):
 class ImageFilesData(DataConfig):
     """Datasets of image files: how they are decoded and cached (README: "Real data")."""
 
-    resize: Resize = Resize.pad
+    resize: Resize = Resize.crop  # the paper: "cropped and resized to 224x224"
     channels: str = "auto"  # auto: 3 if any image is stored in colour, else 1 | 1 | 3
     rescale16: Rescale16 = Rescale16.minmax
     on_bad_image: OnBadImage = OnBadImage.error
@@ -142,9 +165,11 @@ class ChexpertData(ImageFilesData):
     root: Optional[str] = None  # the folder that holds train.csv and valid.csv
     labels: Any = "paper13"  # paper13 (all but Support Devices) | all14 | competition5 | [observations]
     uncertain: Uncertain = Uncertain.ones
-    frontal_only: bool = True
+    frontal_only: bool = False  # false: all of train.csv, frontal and lateral, as the paper
     use_official_valid: bool = False  # true: valid.csv is the test split, train.csv gives train and val
-    test_share: float = 0.2  # of the patients; then val_share of the rest: 72/8/20 like the paper
+    # patient: no patient in two splits (our default, a documented deviation); image: the paper's random split
+    split_by: SplitBy = SplitBy.patient
+    test_share: float = 0.2  # of the patients (images); then val_share of the rest: 72/8/20 like the paper
     val_share: float = 0.1
     split_seed: int = 0
     channels: str = "1"  # CheXpert is grey
@@ -162,6 +187,7 @@ class CsvData(ImageFilesData):
     labels: Optional[List[str]] = None  # null: every other column holding only 1 / 0 / -1 / blank
     uncertain: Uncertain = Uncertain.ones
     cutoff_date: Optional[str] = None  # YYYY-MM-DD: test = on or after it, train/val = before (prospective)
+    split_by: SplitBy = SplitBy.patient  # what val_share / test_share count: patients, or single images
     val_share: float = 0.2  # of the patients before the cutoff (or of the non-test patients)
     test_share: float = 0.2  # of the patients, random split only (no cutoff_date)
     split_seed: int = 0
@@ -193,8 +219,10 @@ class TrainConfig:
     patience: int = 5
     early_stop: int = 0  # stop after this many epochs without a better validation AUPRC (0 = never)
     min_lr: float = 0.0  # stop once the learning rate falls below this (0 = never)
-    rotate_degrees: float = 10.0  # light augmentation, applied to whole batches on the device
-    scale_jitter: float = 0.1
+    # The paper's only augmentation, "slight random rotation" (no angle given): uniform in +-rotate_degrees,
+    # applied to whole batches on the device. 10 degrees is our reading of "slight" (README: Preprocessing).
+    rotate_degrees: float = 10.0
+    scale_jitter: float = 0.0  # optional random zoom by up to +-this share (0 = off, the paper)
     # BCE-with-logits; balanced weighs each label's positives by neg/pos of the training split,
     # null = unweighted (the paper)
     pos_weight: Optional[PosWeight] = None
@@ -280,6 +308,7 @@ RANGES = {
     "data.test_share": _between(0, 1, True, True), "data.prevalence": _between(0, 1, True, True),
     "data.test_prevalence": _between(0, 1, True, True), "data.split_seed": _between(0, SEED_MAX),
     "data.workers": _between(1, 1024), "model.cut": _between(0),
+    "model.dropout": _between(0, 1, hi_open=True),
     "bench.steps": _between(1, 100_000), "bench.warmup": _between(0, 100_000), "bench.eval_images": _between(1),
     "bench.naive_workers": _between(0, 256), "bench.source_scale": _between(1, 16), "bench.score_n": _between(2),
     "bench.score_labels": _between(1, 1000),

@@ -31,9 +31,9 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from .atomic_io import write_bytes, write_csv  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .metrics import TOY_POSITIVE_RANKS, toy_classifiers  # noqa: E402
+from .report import DEFAULT_METRICS, METRIC_NAMES  # noqa: E402  (rows of panels; rtl report --metric)
 from .results import CELL, label_names, metric_column  # noqa: E402
 
-METRICS = {"auroc": "AUROC", "auprc": "AUPRC"}
 INIT_LABEL = {"random": "RI", "pretrained": "TL"}
 INIT_COLOR = {"random": "#a9a9a9", "pretrained": "#1f77b4"}
 MODEL_LABELS = {
@@ -43,27 +43,19 @@ MODEL_LABELS = {
     **{f"dens_s{k}": f"Dens-S{k}" for k in range(1, 4)},
     **{f"res_t{k}": f"Res-T{k}" for k in range(1, 6)},
     **{f"res_s{k}": f"Res-S{k}" for k in range(1, 4)},
+    "timm-tf_efficientnet_lite0": "EfficientNet-Lite0",
+    **{f"trunc-tf_efficientnet_lite0-cut{k}": f"Lite0 to stage {k}" for k in range(7)},
 }
-REFERENCE = "dens_f"  # fig5 compares every family with DenseNet121 TL, as the paper does
+REFERENCE = "dens_f"  # fig5 compares every model with DenseNet121 TL, as the paper does
+FIG5_COLORS = {"cbr_small": "#7f7f7f", "dens_t1": "#9ecae1", "dens_t2": "#4292c6", "dens_t3": "#08519c"}
+
+
+def _named(metrics) -> list[tuple[str, str]]:
+    return [(m, METRIC_NAMES[m]) for m in metrics]
 
 
 def pretty(tag: str) -> str:
     return MODEL_LABELS.get(tag, tag)
-
-
-def family(tag: str) -> str:
-    """The model family fig5 picks one best model from; unknown tags (timm models) are their own family."""
-    if tag.startswith("cbr_"):
-        return "CBR"
-    if tag.startswith("dens_s"):
-        return "DenseNet121 slim"
-    if tag.startswith("dens_"):
-        return "DenseNet121"
-    if tag.startswith("res_s"):
-        return "ResNet50 slim"
-    if tag.startswith("res_"):
-        return "ResNet50"
-    return tag
 
 
 def col(metric: str, label: str | None = None, split: str = "test") -> str:
@@ -92,7 +84,12 @@ def subtitle(summary: pd.DataFrame, note: str = "", width: int = 110, spread_not
         seeds = f"{lo}" if lo == hi else f"{lo}-{hi}"
         spread = f"mean ± 1 sd over {seeds} seeds" + ("" if lo > 1 else " (settings with 1 seed: no error bar)")
         spread += f"; {spread_note}" if spread_note else ""
-    return "\n".join(textwrap.wrap(f"data: {datasets}; test split; {spread}", width) + textwrap.wrap(note, width))
+    split = ""
+    if "split_rule" in summary.columns:
+        rules = sorted(set(summary["split_rule"].dropna().astype(str)) - {""})
+        split = f"; split: {' | '.join(rules)}" if rules else ""
+    return "\n".join(textwrap.wrap(f"data: {datasets}{split}; test split; {spread}", width)
+                     + textwrap.wrap(note, width))
 
 
 def finish(fig: Figure, title: str, summary: pd.DataFrame, note: str = "", spread_note: str = "") -> Figure:
@@ -179,15 +176,28 @@ def _init_frames(sub: pd.DataFrame, metric: str, models: list[str], inits: list[
     return frames
 
 
-def fig3(summary: pd.DataFrame, models: list[str] | None = None, note: str = "") -> Figure:
+def fig3(summary: pd.DataFrame, models: list[str] | None = None, note: str = "",
+         metrics: tuple[str, ...] = DEFAULT_METRICS) -> Figure:
     """TL vs RI: one panel per metric (rows) and data fraction (columns), grouped bars per model."""
+    return tl_vs_ri(summary, models, note, metrics, "TL vs RI by model and amount of training data")
+
+
+def claims(summary: pd.DataFrame, models: list[str] | None = None, note: str = "",
+           metrics: tuple[str, ...] = DEFAULT_METRICS) -> Figure:
+    """``make claims``: fig3's bars for EfficientNet-Lite0 whole and truncated, RI vs TL."""
+    return tl_vs_ri(summary, models, note, metrics, "Claims 2 and 3 in miniature: RI vs TL, whole vs truncated "
+                    "EfficientNet-Lite0 (real ImageNet weights)")
+
+
+def tl_vs_ri(summary: pd.DataFrame, models: list[str] | None, note: str, metrics: tuple[str, ...],
+             title: str) -> Figure:
     fractions = sorted(summary["fraction"].unique())
     models = ordered(summary["model"], models)
     inits = _inits(summary)
     width = 1.0 + len(fractions) * (1.5 + 0.55 * len(models))
-    fig, axes = plt.subplots(len(METRICS), len(fractions), figsize=(width, 8), squeeze=False, sharey="row",
+    fig, axes = plt.subplots(len(metrics), len(fractions), figsize=(width, 1.0 + 3.5 * len(metrics)), squeeze=False, sharey="row",
                              layout="constrained")
-    for i, (metric, name) in enumerate(METRICS.items()):
+    for i, (metric, name) in enumerate(_named(metrics)):
         lows, highs = [], []
         for j, fraction in enumerate(fractions):
             mean, std = _init_frames(summary[summary["fraction"] == fraction], metric, models, inits)
@@ -197,10 +207,11 @@ def fig3(summary: pd.DataFrame, models: list[str] | None = None, note: str = "")
             highs.append(hi)
         _zoom(axes[i], lows, highs)
     legend_below(fig, axes[0, 0], "init")
-    return finish(fig, "TL vs RI by model and amount of training data", summary, note)
+    return finish(fig, title, summary, note)
 
 
-def fig4(summary: pd.DataFrame, models: list[str] | None = None, note: str = "") -> Figure:
+def fig4(summary: pd.DataFrame, models: list[str] | None = None, note: str = "",
+         metrics: tuple[str, ...] = DEFAULT_METRICS) -> Figure:
     """TL vs RI per pathology: one row per model, one column per metric, grouped bars per label."""
     fraction = summary["fraction"].max()
     summary = summary[summary["fraction"] == fraction]
@@ -209,11 +220,11 @@ def fig4(summary: pd.DataFrame, models: list[str] | None = None, note: str = "")
     labels = label_names(summary.columns, "_mean")
     groups = [*labels, "macro mean"]
     width = 1.5 + 0.3 * len(groups) * max(len(inits), 1)
-    fig, axes = plt.subplots(len(models), len(METRICS), figsize=(max(9.0, 2 * width), 1.0 + 2.6 * len(models)),
+    fig, axes = plt.subplots(len(models), len(metrics), figsize=(max(9.0, 2 * width), 1.0 + 2.6 * len(models)),
                              squeeze=False, layout="constrained")
     for i, model in enumerate(models):
         sub = summary[summary["model"] == model].set_index("init")
-        for j, (metric, name) in enumerate(METRICS.items()):
+        for j, (metric, name) in enumerate(_named(metrics)):
             frames = []
             for stat in ("mean", "std"):
                 cols = [f"{col(metric, lab)}_{stat}" for lab in labels] + [f"{col(metric)}_{stat}"]
@@ -229,13 +240,26 @@ def fig4(summary: pd.DataFrame, models: list[str] | None = None, note: str = "")
     return finish(fig, f"TL vs RI per label, {fraction_title(fraction)}", summary, note)
 
 
-def fig5(summary: pd.DataFrame, models: list[str] | None = None, note: str = "") -> Figure:
-    """The best TL model of each family, as the difference to DenseNet121 TL, per label and macro.
+def relative_change(model: pd.DataFrame | pd.Series, ref: pd.Series, cols: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(100 * (m / ref - 1), its sd) per column ``c`` from the ``c_mean`` / ``c_std`` summary columns.
 
-    "Best" is chosen on the validation split (mean macro val AUPRC, the protocol's selection
-    metric), never on the test split that the bars show. DenseNet121 itself is the reference, so
-    its family competes with its truncations only.
+    The sd is the delta method's for a ratio of two independent means: the relative spreads of model
+    and reference add in quadrature, ``100 * m/ref * sqrt((sd_m/m)^2 + (sd_ref/ref)^2)``; NaN where
+    either has a single seed (no sd), so such bars have no error bar.
     """
+    m = model[[f"{c}_mean" for c in cols]].to_numpy(dtype=float)
+    r = ref[[f"{c}_mean" for c in cols]].to_numpy(dtype=float)
+    sm = model[[f"{c}_std" for c in cols]].to_numpy(dtype=float)
+    sr = ref[[f"{c}_std" for c in cols]].to_numpy(dtype=float)
+    ratio = m / r
+    spread = 100.0 * np.abs(ratio) * np.sqrt((sm / m) ** 2 + (sr / r) ** 2)
+    return 100.0 * (ratio - 1.0), spread
+
+
+def fig5(summary: pd.DataFrame, models: list[str] | None = None, note: str = "",
+         metrics: tuple[str, ...] = DEFAULT_METRICS) -> Figure:
+    """Paper Fig. 5: each TL model of the design (CBR-Small, Dens-T1, Dens-T2, Dens-T3) per pathology and
+    macro mean, as the relative change (%) of its mean test metric over that of DenseNet121 TL."""
     fraction = summary["fraction"].max()
     tl = summary[(summary["fraction"] == fraction) & (summary["init"] == "pretrained")]
     ref = tl[tl["model"] == REFERENCE]
@@ -243,47 +267,44 @@ def fig5(summary: pd.DataFrame, models: list[str] | None = None, note: str = "")
         raise UserError(f"fig5 compares with DenseNet121 TL: no finished run of model={REFERENCE} init=pretrained "
                         f"at fraction {fraction:g}")
     ref = ref.iloc[0]
-    rivals = tl[(tl["model"] != REFERENCE) & tl["val_auprc_mean"].notna()]
-    rivals = rivals.assign(family=rivals["model"].map(family))
+    rivals = tl[tl["model"] != REFERENCE].set_index("model")
     if rivals.empty:
-        raise UserError("fig5 needs TL runs of at least one model besides DenseNet121")
-    best = rivals.loc[rivals.groupby("family", sort=False)["val_auprc_mean"].idxmax()]
-    best = best.set_index("model").loc[ordered(best["model"], models)]
+        raise UserError("fig5 needs TL runs of at least one model besides DenseNet121 (CBR-Small, Dens-T1..T3)")
+    rivals = rivals.loc[ordered(rivals.index, models)]
     labels = label_names(summary.columns, "_mean")
     groups = [*labels, "macro mean"]
-    legend = [f"{row.family}: {pretty(model)}" for model, row in best.iterrows()]
-    fig, axes = plt.subplots(len(METRICS), 1, figsize=(max(8.0, 2.5 + 0.3 * len(groups) * len(best)), 8),
-                             squeeze=False, layout="constrained")
-    for i, (metric, name) in enumerate(METRICS.items()):
-        cols = [col(metric, lab) for lab in labels] + [col(metric)]
-        means = [f"{c}_mean" for c in cols]
-        stds = [f"{c}_std" for c in cols]
-        delta = best[means].to_numpy(dtype=float) - ref[means].to_numpy(dtype=float)
-        # The spread of a difference of two independent settings: both standard deviations add in quadrature.
-        spread = np.sqrt(best[stds].to_numpy(dtype=float) ** 2 + ref[stds].to_numpy(dtype=float) ** 2)
-        mean = pd.DataFrame(delta.T, index=groups, columns=legend)
+    legend = [pretty(m) for m in rivals.index]
+    colors = [FIG5_COLORS.get(m, f"C{k + 4}") for k, m in enumerate(rivals.index)]
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(8.0, 2.5 + 0.3 * len(groups) * len(rivals)),
+                                                       1.0 + 3.5 * len(metrics)), squeeze=False, layout="constrained")
+    for i, metric in enumerate(metrics):
+        name = METRIC_NAMES[metric]
+        change, spread = relative_change(rivals, ref, [col(metric, lab) for lab in labels] + [col(metric)])
+        mean = pd.DataFrame(change.T, index=groups, columns=legend)
         std = pd.DataFrame(spread.T, index=groups, columns=legend)
         ax = axes[i, 0]
-        bar_panel(ax, mean, std, [f"C{k}" for k in range(len(best))], f"Δ test {name}",
-                  f"test {name} minus that of DenseNet121 TL ({ref[f'{col(metric)}_mean']:.3f} macro)")
+        bar_panel(ax, mean, std, colors, f"change in test {name} (%)",
+                  f"test {name} relative to DenseNet121 TL (macro {ref[f'{col(metric)}_mean']:.3f})")
         ax.axhline(0.0, color="black", linewidth=0.8)
-    legend_below(fig, axes[0, 0], "family: its best model by validation AUPRC")
-    return finish(fig, f"Best TL model of each family relative to DenseNet121 TL, {fraction_title(fraction)}",
-                  summary, note, spread_note="error bars: √(sd_model² + sd_DenseNet121²)")
+    legend_below(fig, axes[0, 0], "TL model")
+    return finish(fig, f"Truncated DenseNets and CBR-Small vs DenseNet121, all TL, {fraction_title(fraction)}",
+                  summary, note, spread_note="bars: 100 (mean / mean of DenseNet121 - 1); error bars: delta-method sd "
+                  "of that ratio")
 
 
-def fig6(summary: pd.DataFrame, models: list[str] | None = None, note: str = "") -> Figure:
+def fig6(summary: pd.DataFrame, models: list[str] | None = None, note: str = "",
+         metrics: tuple[str, ...] = DEFAULT_METRICS) -> Figure:
     """Truncated TL (Dens-T1..T3) vs Transfusion (Dens-S1..S3) by how many dense blocks keep their
     pretrained weights; both lines end at DenseNet121 TL, which reuses all four."""
     tl = summary[summary["init"] == "pretrained"]
     fractions = sorted(tl["fraction"].unique())
     levels = [1, 2, 3, 4]
     lines = {"Truncated TL (Dens-T1..T3)": ("dens_t", "o", "C0"), "Transfusion (Dens-S1..S3)": ("dens_s", "s", "C3")}
-    fig, axes = plt.subplots(len(METRICS), len(fractions), figsize=(1.5 + 4.2 * len(fractions), 7.5),
+    fig, axes = plt.subplots(len(metrics), len(fractions), figsize=(1.5 + 4.2 * len(fractions), 0.5 + 3.5 * len(metrics)),
                              squeeze=False, sharey="row", layout="constrained")
     for j, fraction in enumerate(fractions):
         sub = tl[tl["fraction"] == fraction].set_index("model")
-        for i, (metric, name) in enumerate(METRICS.items()):
+        for i, (metric, name) in enumerate(_named(metrics)):
             ax = axes[i, j]
             for label, (prefix, marker, color) in lines.items():
                 tags = [f"{prefix}{k}" for k in levels[:-1]] + [REFERENCE]
@@ -299,7 +320,8 @@ def fig6(summary: pd.DataFrame, models: list[str] | None = None, note: str = "")
     return finish(fig, "Truncated TL vs Transfusion by level of reused pretrained weights", summary, note)
 
 
-def fig7(summary: pd.DataFrame, models: list[str] | None = None, note: str = "") -> Figure:
+def fig7(summary: pd.DataFrame, models: list[str] | None = None, note: str = "",
+         metrics: tuple[str, ...] = DEFAULT_METRICS) -> Figure:
     """Every TL model (full, truncated, CBR) at each data fraction: bars per model, one per fraction."""
     tl = summary[summary["init"] == "pretrained"]
     models = ordered(tl["model"], models)
@@ -307,9 +329,9 @@ def fig7(summary: pd.DataFrame, models: list[str] | None = None, note: str = "")
     params = tl.groupby("model")["params"].first()
     ticks = {m: f"{pretty(m)} ({params[m] / 1e6:.1f}M)" for m in models}
     colors = list(plt.get_cmap("Blues")(np.linspace(0.35, 0.9, len(fractions))))
-    fig, axes = plt.subplots(len(METRICS), 1, figsize=(max(8.0, 2.0 + 0.5 * len(models) * len(fractions)), 8),
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(8.0, 2.0 + 0.5 * len(models) * len(fractions)), 1.0 + 3.5 * len(metrics)),
                              squeeze=False, layout="constrained")
-    for i, (metric, name) in enumerate(METRICS.items()):
+    for i, (metric, name) in enumerate(_named(metrics)):
         frames = []
         for stat in ("mean", "std"):
             table = tl.pivot(index="model", columns="fraction", values=f"{col(metric)}_{stat}")
@@ -322,7 +344,8 @@ def fig7(summary: pd.DataFrame, models: list[str] | None = None, note: str = "")
     return finish(fig, "All TL models, full and truncated, at three amounts of training data", summary, note)
 
 
-FIGURES: dict[str, Callable[..., Figure]] = {"fig3": fig3, "fig4": fig4, "fig5": fig5, "fig6": fig6, "fig7": fig7}
+FIGURES: dict[str, Callable[..., Figure]] = {"fig3": fig3, "fig4": fig4, "fig5": fig5, "fig6": fig6, "fig7": fig7,
+                                              "claims": claims}
 
 
 def one_setting_per_cell(name: str, summary: pd.DataFrame) -> None:
@@ -343,12 +366,29 @@ def one_setting_per_cell(name: str, summary: pd.DataFrame) -> None:
                     "lists every setting)")
 
 
+def has_metric(name: str, summary: pd.DataFrame, metric: str) -> None:
+    """Every row must have the metric: runs made before a metric was recorded (auprc_trapz) would otherwise
+    be missing bars without a word."""
+    column = f"{col(metric)}_mean"
+    lacking = summary if column not in summary.columns else summary[summary[column].isna()]
+    if len(lacking):
+        shown = ", ".join(f"{r.model}/{r.init}/f{r.fraction:g}" for r in lacking.head(5).itertuples())
+        raise UserError(f"{name} with {metric}: {len(lacking)} of {len(summary)} settings have no test {metric} "
+                        f"({shown}{', ...' if len(lacking) > 5 else ''}); runs made before rtl recorded it lack it: "
+                        "run them again with runtime.force=true, or draw another --metric")
+
+
 def draw(name: str, summary: pd.DataFrame, out_dir: str | Path, models: list[str] | None = None,
-         note: str = "") -> list[Path]:
+         note: str = "", metrics: tuple[str, ...] = DEFAULT_METRICS) -> list[Path]:
     if name not in FIGURES:
         raise UserError(f"no figure {name!r}: choose one of fig2, {', '.join(FIGURES)}")
+    unknown = [m for m in metrics if m not in METRIC_NAMES]
+    if unknown or not metrics:
+        raise UserError(f"--metric {','.join(unknown) or '(none)'}: choose from {', '.join(METRIC_NAMES)}")
     one_setting_per_cell(name, summary)
-    return save(FIGURES[name](summary, models, note), out_dir, name)
+    for metric in metrics:
+        has_metric(name, summary, metric)
+    return save(FIGURES[name](summary, models, note, tuple(metrics)), out_dir, name)
 
 
 def _ranks(ranks: tuple[int, ...]) -> str:

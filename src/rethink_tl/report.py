@@ -37,9 +37,12 @@ from omegaconf import OmegaConf
 
 from .atomic_io import write_bytes, write_csv
 from .errors import UserError
-from .results import (CELL, GROUP, HEADLINE, PROVENANCE, SAME_WITHIN_GROUP, BrokenRun, Run, is_metric, label_names,
+from .results import (CELL, GROUP, PROVENANCE, SAME_WITHIN_GROUP, BrokenRun, Run, is_metric, label_names,
                       read_run, run_dirs)
 
+# The metrics' names in tables and figures; the first two are what tables and figures show by default.
+METRIC_NAMES = {"auroc": "AUROC", "auprc": "AUPRC", "auprc_trapz": "AUPRC (trapezoid)"}
+DEFAULT_METRICS = ("auroc", "auprc")
 SHOW = 10  # problem runs named on the terminal; summary.md names them all
 # Old results columns -> the identity key they stand for, so old and new runs label alike.
 LEGACY_KEYS = {"epochs": "train.epochs", "image_size": "data.image_size", "lr": "train.lr",
@@ -176,6 +179,8 @@ def summarise(runs: pd.DataFrame, settings: dict[str, dict | None] | None = None
     out.insert(0, "n", grouped.size())
     out.insert(1, "seeds", grouped["seed"].agg(lambda s: " ".join(str(int(v)) for v in sorted(s))))
     out.insert(2, "params", grouped["params"].first())
+    if "split_rule" in runs.columns:  # how train/val/test were drawn (the seeds of a setting share it)
+        out.insert(3, "split_rule", grouped["split_rule"].first())
     dirs = grouped["run_dir"].agg(list) if "run_dir" in runs.columns else None
     out = out.reset_index()
     out.insert(len(GROUP), "setting_id", [k if not k.startswith("old:") else "" for k in out["_key"]])
@@ -201,15 +206,22 @@ def _with_settings(summary: pd.DataFrame) -> bool:
     return "settings" in summary.columns and summary["settings"].astype(str).str.len().gt(0).any()
 
 
-def markdown(summary: pd.DataFrame) -> str:
+def headline(metrics: tuple[str, ...]) -> list[str]:
+    return [f"{split}_{m}" for split in ("test", "val") for m in metrics]
+
+
+def markdown(summary: pd.DataFrame, metrics: tuple[str, ...] = DEFAULT_METRICS) -> str:
     show = _with_settings(summary)
+    cols = headline(metrics)
+    names = " | ".join(f"{c.split('_', 1)[0]} {METRIC_NAMES[c.split('_', 1)[1]]}" for c in cols)
     head = ("| dataset | model | init | strategy | fraction | " + ("settings | " if show else "")
-            + "n | params | test AUROC | test AUPRC | val AUROC | val AUPRC |")
+            + f"n | params | {names} |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for _, r in summary.iterrows():
+        cells = [_fmt(r.get(f"{c}_mean", np.nan), r.get(f"{c}_std", np.nan)) for c in cols]
         lines.append(f"| {r.dataset} | {r.model} | {r.init} | {r.strategy} | {r.fraction:g} | "
                      + (f"{r.settings} | " if show else "") + f"{r.n} | {r.params / 1e6:.2f}M | "
-                     + " | ".join(_fmt(r[f'{c}_mean'], r[f'{c}_std']) for c in HEADLINE) + " |")
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -220,7 +232,8 @@ def markdown_per_label(summary: pd.DataFrame, metric: str) -> str:
     head = "| model | init | fraction | " + ("settings | " if show else "") + " | ".join(labels) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for _, r in summary.iterrows():
-        cells = [_fmt(r[f"test_{metric}_{lab}_mean"], r[f"test_{metric}_{lab}_std"]) for lab in labels]
+        cells = [_fmt(r.get(f"test_{metric}_{lab}_mean", np.nan), r.get(f"test_{metric}_{lab}_std", np.nan))
+                 for lab in labels]
         lines.append(f"| {r.model} | {r.init} | {r.fraction:g} | " + (f"{r.settings} | " if show else "")
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -327,9 +340,16 @@ def _broken_items(broken: list[BrokenRun], root: Path) -> list[str]:
     return [f"{_rel(b.path, root)} ({b.reason})" for b in broken]
 
 
-def report(root: str | Path, figure: str | None = None, out: str | Path | None = None, note: str = "") -> Report:
+def report(root: str | Path, figure: str | None = None, out: str | Path | None = None, note: str = "",
+           metrics: tuple[str, ...] = DEFAULT_METRICS) -> Report:
     """Write summary.csv, summary.md and (for a paper experiment) the figure into ``out`` (default
-    ``root``); return the text to print and what was left out."""
+    ``root``); return the text to print and what was left out. ``metrics`` are the columns of the tables
+    and the rows of panels of the figure (summary.csv has every metric the runs recorded)."""
+    metrics = tuple(metrics)
+    unknown = [m for m in metrics if m not in METRIC_NAMES]
+    if unknown or not metrics:
+        raise UserError(f"--metric {','.join(unknown) or '(none)'}: choose from {', '.join(METRIC_NAMES)} "
+                        "(comma-separated)")
     root = Path(root)
     out = Path(out) if out is not None else root
     if figure == "fig2":
@@ -374,10 +394,11 @@ def report(root: str | Path, figure: str | None = None, out: str | Path | None =
     out.mkdir(parents=True, exist_ok=True)
     write_csv(summary, out / "summary.csv")
 
-    tables = [markdown(summary)]
+    tables = [markdown(summary, metrics)]
     if len(label_names(summary.columns, "_mean")) > 1:
-        for metric, name in (("auroc", "AUROC"), ("auprc", "AUPRC")):
-            tables.append(f"\ntest {name} per label (mean ± sd over seeds)\n\n" + markdown_per_label(summary, metric))
+        for metric in metrics:
+            tables.append(f"\ntest {METRIC_NAMES[metric]} per label (mean ± sd over seeds)\n\n"
+                          + markdown_per_label(summary, metric))
 
     problems = []
     names = [_rel(u.path, root) for u in unfinished]
@@ -405,7 +426,7 @@ def report(root: str | Path, figure: str | None = None, out: str | Path | None =
                       f"with finished runs" + ("; none yet for " if absent else ""), absent))
         fig_note = "; ".join(x for x in (note, f"bars differ in {', '.join(varying)}" if varying else "") if x)
         try:
-            paths = draw_figure(figure, summary, out, plan.models, fig_note)
+            paths = draw_figure(figure, summary, out, plan.models, fig_note, metrics)
             notes.append(("figure: " + ", ".join(str(p) for p in paths), []))
         except UserError as err:
             notes.append((f"WARNING: {figure} not drawn: {err}", []))
@@ -420,7 +441,8 @@ def report(root: str | Path, figure: str | None = None, out: str | Path | None =
     return Report("\n".join(tables) + "\n\n" + "\n".join(h + short(items) for h, items in notes), problems)
 
 
-def draw_figure(figure: str, summary: pd.DataFrame, out: Path, models: list[str], note: str) -> list[Path]:
+def draw_figure(figure: str, summary: pd.DataFrame, out: Path, models: list[str], note: str,
+                metrics: tuple[str, ...] = DEFAULT_METRICS) -> list[Path]:
     from .figures import draw  # matplotlib is imported only when a figure is drawn
 
-    return draw(figure, summary, out, models, note)
+    return draw(figure, summary, out, models, note, metrics)

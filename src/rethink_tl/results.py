@@ -34,7 +34,9 @@ GROUP = ["dataset", "model", "init", "strategy", "fraction"]
 CELL = ["dataset", "model", "init", "fraction"]
 IDENTITY = [*GROUP, "seed", "setting_id"]
 SPLITS = ("val", "test")
-METRICS = ("auroc", "auprc")
+# auprc_trapz is a metric of its own (the trapezoid PR area), never a label "trapz" of auprc: label names
+# that would make such columns ambiguous are refused when a run starts (train.check_label_names).
+METRICS = ("auroc", "auprc", "auprc_trapz")
 HEADLINE = ["test_auroc", "test_auprc", "val_auroc", "val_auprc"]
 # Runs written before identity.json existed have no setting_id; these columns stand in for it, so that
 # seeds run with another learning rate or image size still end up in separate summary rows.

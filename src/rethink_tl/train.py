@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from . import __version__, atomic_io
 from .config import differences, identity, setting_id, validate
 from .data import DataBundle, build_data, dataset_labels
+from .data.base import check_learnable
 from .engine import (Batcher, EpochProgress, Precision, configure_device, device_name, evaluate, make_batchers,
                      make_optimizer, masked_bce, maybe_compile, move_to_device, resolve_precision, restore_rng,
                      rng_state, seed_everything, train_one_epoch)
@@ -141,17 +142,20 @@ class Setup:
     n_params: int
 
 
+def check_label_names(labels: list[str]) -> None:
+    """Per-label result columns are ``<split>_<metric>_<label>``: a label named ``trapz...`` would read as
+    the metric auprc_trapz, so such a name is refused before anything runs."""
+    for label in labels:
+        if str(label) == "trapz" or str(label).startswith("trapz_"):
+            raise UserError(f"label {label!r}: names 'trapz' and 'trapz_*' are taken by the metric auprc_trapz in "
+                            "results.csv; rename that column of your CSV")
+
+
 def check_labels(data: DataBundle) -> None:
     """Every label needs positives and negatives in train (to learn it) and in val (to select the epoch)."""
     for name in ("train", "val"):
         split = data.splits()[name]
-        positives = split.positives()
-        counted = split.mask.sum(0).numpy()
-        for label, pos, n in zip(data.label_names, positives, counted):
-            if pos == 0 or pos == n:
-                raise UserError(f"label {label!r} has {int(pos)} positive(s) and {int(n - pos)} negative(s) in the "
-                                f"{name} split of {data.name}: it can be neither learned nor scored; drop it "
-                                "(data.labels=[...]), use more data (data.fraction, data.num_samples) or another split")
+        check_learnable(data.label_names, split.labels.numpy(), split.mask.numpy(), name, data.name)
 
 
 def setup(cfg: DictConfig) -> Setup:
@@ -160,14 +164,15 @@ def setup(cfg: DictConfig) -> Setup:
     device = configure_device(rc)
     seed_everything(int(tc.seed))
     labels = dataset_labels(cfg.data)
-    model = build_model(cfg.model, num_labels=len(labels))
+    check_label_names(labels)
+    model = build_model(cfg.model, num_labels=len(labels), image_size=int(cfg.data.image_size))
     check_image_size(model, int(cfg.data.image_size))
     init = apply_init(model, cfg.init)  # logs what was loaded and what is new
-    data = build_data(cfg.data)
+    data = build_data(cfg.data, train_seed=int(tc.seed))
     if data.label_names != labels:
         raise RuntimeError(f"dataset gave labels {data.label_names}, its config promised {labels}")
     check_labels(data)
-    fingerprint = data.fingerprint()
+    fingerprint = data.whole_fingerprint or data.fingerprint()
     log.info("data %s, fingerprint %s", data.describe(), fingerprint)
     n_params = sum(p.numel() for p in model.parameters())
     model.to(device=device, memory_format=torch.channels_last if rc.channels_last else torch.contiguous_format)
@@ -363,6 +368,10 @@ def score_best(cfg: DictConfig, s: Setup, state: TrainState, settings: dict[str,
     row.update({k: v for k, v in test.flat("test").items() if k not in row})
     row.update({
         "n_train": len(s.data.train), "n_val": len(s.data.val), "n_test": len(s.data.test),
+        # subset_seed: the seed that drew the training subset; None (an empty cell) at data.fraction=1
+        "split_rule": s.data.split_rule, "subset_seed": s.data.subset_seed,
+        "train_balance": s.data.balance("train"), "val_balance": s.data.balance("val"),
+        "test_balance": s.data.balance("test"),
         "image_size": int(s.data.train.images.shape[-1]), "batch_size": int(cfg.train.batch_size),
         "lr": float(cfg.train.lr), "train_seconds": round(state.train_seconds, 3),
         "images_per_s": round(images_seen / state.train_seconds, 2) if state.train_seconds > 0 else float("nan"),

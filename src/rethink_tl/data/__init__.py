@@ -1,33 +1,47 @@
-"""Dataset registry: ``build_data(cfg.data)`` -> DataBundle (train/val/test of uint8 images).
+"""Dataset registry: ``build_data(cfg.data)`` -> DataBundle (train/val/test of uint8 images), and
+``plan(cfg.data)``: the same split in words, from the tables alone (no image decoded).
 
 The registry key is ``data.kind`` (set by each schema in config.py), not ``data.name``: a config can then
 give its runs a name of their own (``name: ${.flag}`` for MedMNIST, ``data.name=covid`` for a CSV)
 while still being built by the same code.
+
+Every dataset registers three functions: ``build(cfg)`` (the bundle, images included), ``labels(cfg)``
+(the label names without reading the data: the model is built first) and ``plan(cfg)`` (a SplitPlan:
+rows, labels and split rule, no pixels). ``build`` computes its split through ``plan``, so what
+``rtl data`` shows is what a run trains on (less any image skipped with ``data.on_bad_image=skip``).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
+
+import numpy as np
 
 from ..errors import UserError
-from .base import DataBundle, Split
-from .splits import stratified_fraction
-
-# name -> (build(cfg) -> DataBundle, labels(cfg) -> label names without reading the data)
-DATASETS: dict[str, tuple[Callable[[Mapping], DataBundle], Callable[[Mapping], list[str]]]] = {}
+from .base import SPLIT_NAMES, DataBundle, Split, SplitPlan, check_learnable
+from .splits import stratified_index, subset_seed
 
 
-def register_dataset(name: str, labels: Callable[[Mapping], list[str]]):
-    """Register ``build(cfg)``; ``labels(cfg)`` must name the label columns cheaply (the model is built first)."""
+class Dataset(NamedTuple):
+    build: Callable[[Mapping], DataBundle]
+    labels: Callable[[Mapping], list[str]]
+    plan: Callable[[Mapping], SplitPlan]
+
+
+DATASETS: dict[str, Dataset] = {}
+
+
+def register_dataset(name: str, labels: Callable[[Mapping], list[str]], plan: Callable[[Mapping], SplitPlan]):
+    """Register ``build(cfg)`` with its cheap ``labels(cfg)`` and image-free ``plan(cfg)``."""
 
     def wrap(fn):
-        DATASETS[name] = (fn, labels)
+        DATASETS[name] = Dataset(fn, labels, plan)
         return fn
 
     return wrap
 
 
-def _lookup(cfg: Mapping):
+def _lookup(cfg: Mapping) -> Dataset:
     from . import chexpert, csvlist, medmnist, synthetic_data  # noqa: F401  (register the built-in datasets)
 
     name = str(cfg.kind)
@@ -38,20 +52,81 @@ def _lookup(cfg: Mapping):
 
 def dataset_labels(cfg: Mapping) -> list[str]:
     """The label columns ``build_data(cfg)`` will produce, in order."""
-    return list(_lookup(cfg)[1](cfg))
+    return list(_lookup(cfg).labels(cfg))
 
 
-def build_data(cfg: Mapping) -> DataBundle:
-    """Build the dataset named ``cfg.name`` (``cfg.kind``), then cut the training split to ``cfg.fraction``."""
-    name = cfg["name"]
-    bundle = _lookup(cfg)[0](cfg)
-    for split_name, split in bundle.splits().items():
-        if len(split) == 0:
-            raise UserError(f"dataset '{name}': the {split_name} split is empty; check the data paths and split settings")
-    bundle.train = stratified_fraction(
-        bundle.train, float(cfg.fraction), int(cfg.subset_seed), bundle.label_names
-    )
+def _check_sizes(name: str, sizes: Mapping[str, int]) -> None:
+    for split_name, size in sizes.items():
+        if size == 0:
+            raise UserError(f"dataset '{name}': the {split_name} split is empty; check the data paths and "
+                            "split settings")
+
+
+def _subset(cfg: Mapping, labels: np.ndarray, mask: np.ndarray, label_names: list[str],
+            train_seed: int) -> tuple[np.ndarray | None, int | None]:
+    """(rows of the training split to keep, the seed that chose them); (None, None) at data.fraction=1."""
+    seed = subset_seed(float(cfg.fraction), int(cfg.subset_seed), str(cfg.subset), train_seed)
+    if seed is None:
+        return None, None
+    note = (f"subset seed {seed} = data.subset_seed {int(cfg.subset_seed)} + train.seed {train_seed}, "
+            "data.subset=per_seed") if str(cfg.subset) == "per_seed" else None
+    return stratified_index(labels, mask, float(cfg.fraction), seed, label_names, note), seed
+
+
+def build_data(cfg: Mapping, *, train_seed: int = 0) -> DataBundle:
+    """Build the dataset of kind ``cfg.kind``, then cut the training split to ``cfg.fraction``.
+
+    ``train_seed`` is the run's ``train.seed``: only ``data.subset=per_seed`` reads it (the subset is then
+    drawn with ``data.subset_seed + train.seed``). The seed used is ``bundle.subset_seed``.
+    """
+    bundle = _lookup(cfg).build(cfg)
+    _check_sizes(str(cfg["name"]), {k: len(v) for k, v in bundle.splits().items()})
+    bundle.whole_fingerprint = bundle.fingerprint()
+    index, seed = _subset(cfg, bundle.train.labels.numpy(), bundle.train.mask.numpy(), bundle.label_names,
+                          int(train_seed))
+    if index is not None:
+        bundle.train = bundle.train.subset(index)
+    bundle.subset_seed = seed
     return bundle
 
 
-__all__ = ["DATASETS", "DataBundle", "Split", "build_data", "dataset_labels", "register_dataset"]
+def plan(cfg: Mapping, *, train_seed: int = 0, check: bool = False) -> str:
+    """The split ``build_data(cfg, train_seed=...)`` makes, as a few lines of text: the split rule, then
+    images and class balance per split. Reads the tables only (CSV, CheXpert: no image is opened; MedMNIST:
+    the label arrays; synthetic: the label draws), and raises the same UserError a run would for a missing
+    column, a bad label or date, an empty split or a training subset without positives. With ``check``, also
+    a label without positives or negatives in train or val (UnusableSplit, which carries the text)."""
+    p = _lookup(cfg).plan(cfg)
+    rows = dict(p.parts)
+    _check_sizes(p.name, {k: len(v) for k, v in rows.items()})
+    train = rows["train"]
+    index, seed = _subset(cfg, p.labels[train], p.mask[train], p.label_names, int(train_seed))
+    lines = [f"{p.name}: {p.split_rule}"]
+    for name in SPLIT_NAMES:
+        note = ""
+        if name == "train" and index is not None:
+            rows["train"] = train[index]
+            rule = f", data.subset={cfg.subset}" + (f" with train.seed {int(train_seed)}"
+                                                     if str(cfg.subset) == "per_seed" else "")
+            note = f" (data.fraction={float(cfg.fraction):g} of {len(train)}: subset seed {seed}{rule})"
+        lines.append(f"  {name}: {len(rows[name])} images{note}; balance {p.balance(name, rows[name])}")
+    text = "\n".join(lines)
+    if check:
+        for name in ("train", "val"):  # what rtl train checks before epoch 1
+            try:
+                check_learnable(p.label_names, p.labels[rows[name]], p.mask[rows[name]], name, p.name)
+            except UserError as err:
+                raise UnusableSplit(str(err), text) from None
+    return text
+
+
+class UnusableSplit(UserError):
+    """The split can be computed (``text`` shows it) but a run could not train on it."""
+
+    def __init__(self, message: str, text: str):
+        super().__init__(message)
+        self.text = text
+
+
+__all__ = ["DATASETS", "DataBundle", "Split", "SplitPlan", "UnusableSplit", "build_data", "dataset_labels", "plan",
+           "register_dataset"]

@@ -1,12 +1,39 @@
-"""What every dataset hands to the training loop: three splits of uint8 images in memory."""
+"""What every dataset hands to the training loop: three splits of uint8 images in memory; and the split
+plan they are cut from (rows, labels and the rule, no pixels), which ``rtl data`` shows before any run."""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def balance(label_names: Sequence[str], labels: np.ndarray, mask: np.ndarray) -> str:
+    """``"covid 1:16.30; opacity 1:3.00"``: per label, negatives per positive among the counted cells
+    (a masked, i.e. ignored uncertain, cell is neither); ``1:inf`` for a label without positives."""
+    pos = ((labels > 0.5) & mask).sum(0)
+    neg = mask.sum(0) - pos
+    return "; ".join(f"{lab} 1:{n / p:.2f}" if p else f"{lab} 1:inf" for lab, p, n in zip(label_names, pos, neg))
+
+
+def check_learnable(label_names: Sequence[str], labels: np.ndarray, mask: np.ndarray, split: str,
+                    dataset: str) -> None:
+    """Every label needs positives and negatives in train (to learn it) and in val (to select the epoch):
+    ``rtl train`` checks this before epoch 1, ``rtl data`` before any run."""
+    from ..errors import UserError
+
+    pos = ((labels > 0.5) & mask).sum(0)
+    counted = mask.sum(0)
+    for label, p, n in zip(label_names, pos, counted):
+        if p == 0 or p == n:
+            raise UserError(f"label {label!r} has {int(p)} positive(s) and {int(n - p)} negative(s) in the "
+                            f"{split} split of {dataset}: it can be neither learned nor scored; drop it "
+                            "(data.labels=[...]), use more data (data.fraction, data.num_samples) or another split")
 
 
 @dataclass
@@ -37,6 +64,15 @@ class DataBundle:
     train: Split
     val: Split
     test: Split
+    # How the images were divided, in words (results.csv's split_rule): each builder says it; empty only
+    # for bundles made by hand (rtl bench).
+    split_rule: str = ""
+    # The seed that chose the training subset (build_data sets it); None = no subset (data.fraction=1).
+    subset_seed: Optional[int] = None
+    # fingerprint() of the splits before the training subset was cut (build_data sets it): what a run's
+    # data_fingerprint records, so that the seeds of data.subset=per_seed (other subsets of the same data)
+    # share it; the subset itself follows from the settings.
+    whole_fingerprint: Optional[str] = None
 
     def splits(self) -> dict[str, Split]:
         return {"train": self.train, "val": self.val, "test": self.test}
@@ -51,9 +87,39 @@ class DataBundle:
             h.update(split.mask.numpy().tobytes())
         return h.hexdigest()[:16]
 
+    def balance(self, split: str) -> str:
+        """Class balance of one split, e.g. ``"covid 1:16.30"`` (see :func:`balance`)."""
+        part = self.splits()[split]
+        return balance(self.label_names, part.labels.numpy(), part.mask.numpy())
+
     def describe(self) -> str:
         parts = []
         for name, split in self.splits().items():
             pos = ", ".join(f"{lab} {int(p)}" for lab, p in zip(self.label_names, split.positives()))
             parts.append(f"{name} {len(split)} ({pos})")
-        return f"{self.name}: " + "; ".join(parts)
+        subset = "" if self.subset_seed is None else f", training subset seed {self.subset_seed}"
+        return f"{self.name} ({self.split_rule or 'split not stated'}{subset}): " + "; ".join(parts)
+
+
+@dataclass
+class SplitPlan:
+    """Which rows of a dataset go to which split, with their labels: a DataBundle without the pixels.
+
+    Builders compute it first and decode only the rows it names; ``rtl data`` shows it (:func:`plan`).
+    """
+
+    name: str
+    label_names: list[str]
+    labels: np.ndarray  # float32 (N, L) of 0/1, every row of the dataset
+    mask: np.ndarray  # bool (N, L)
+    ids: list[str]  # N
+    parts: dict[str, np.ndarray]  # split name -> row indices
+    split_rule: str
+    # Image-file datasets: the file of each row, where the decode cache goes and its name.
+    paths: list[str] = field(default_factory=list)
+    anchor: Optional[str] = None
+    cache_label: str = ""
+
+    def balance(self, split: str, rows: Optional[np.ndarray] = None) -> str:
+        rows = self.parts[split] if rows is None else rows
+        return balance(self.label_names, self.labels[rows], self.mask[rows])

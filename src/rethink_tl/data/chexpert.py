@@ -6,10 +6,16 @@
 the root's parent, or against the root with that first folder dropped, whichever finds the files,
 so a renamed or moved root works too.
 
-Split (default, as in the paper): the images of ``train.csv`` are divided by patient into
-train / val / test, 72 / 8 / 20 (``test_share`` of the patients, then ``val_share`` of the rest).
-``use_official_valid=true`` instead tests on ``valid.csv`` (radiologist-labelled, 234 images of
-200 other patients) and divides ``train.csv`` into train and val only.
+Images: every row of ``train.csv``, frontal and lateral views, as in the paper (its 160,858 / 17,875 /
+44,684 split is the whole file); ``frontal_only=true`` keeps the frontal views only.
+
+Split: the images of ``train.csv`` are divided into train / val / test, 72 / 8 / 20 as in the paper
+(``test_share``, then ``val_share`` of the rest). By default by patient (``split_by=patient``: all
+images of a patient land in one split), a documented deviation: the paper split at random by image,
+which puts one patient's images (other views, follow-up studies) on both sides of the train/test line
+and can flatter the test scores; ``split_by=image`` reproduces that. ``use_official_valid=true`` instead
+tests on ``valid.csv`` (radiologist-labelled, 234 images of 200 other patients) and divides
+``train.csv`` into train and val only.
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ import numpy as np
 
 from ..errors import UserError
 from . import register_dataset
-from .base import DataBundle
-from .splits import patient_split
+from .base import DataBundle, SplitPlan
+from .splits import patient_split, split_groups
 from .tables import assemble, check_splits, parse_labels, read_table, require_columns
 
 log = logging.getLogger(__name__)
@@ -103,27 +109,40 @@ def _read(root: Path, name: str, labels: list[str], cfg: Mapping):
     return rel, y, mask
 
 
-@register_dataset("chexpert", labels=chexpert_labels)
-def build_chexpert(cfg: Mapping) -> DataBundle:
+def chexpert_plan(cfg: Mapping) -> SplitPlan:
+    """The split of ``train.csv`` (and ``valid.csv``) from the tables alone: no image is opened."""
     labels = chexpert_labels(cfg)
     root = _root(cfg)
     rel, y, mask = _read(root, "train.csv", labels, cfg)
     seed = int(cfg.split_seed)
     val_share = float(cfg.val_share)
-    groups = _patients(rel)
+    by = str(cfg.split_by)
+    unit = "patients" if by == "patient" else "images"
+    patients = _patients(rel)
+    groups = split_groups(patients, by)
+    views = "frontal views only" if cfg.frontal_only else "frontal and lateral views"
     if cfg.use_official_valid:
         parts = patient_split(groups, 0.0, val_share, seed)
         v_rel, v_y, v_mask = _read(root, "valid.csv", labels, cfg)
-        shared = set(groups) & set(_patients(v_rel))
+        shared = set(patients) & set(_patients(v_rel))
         if shared:
             log.warning("chexpert: %d patients are in both train.csv and valid.csv", len(shared))
         parts["test"] = np.arange(len(rel), len(rel) + len(v_rel))
         rel, y, mask = rel + v_rel, np.concatenate([y, v_y]), np.concatenate([mask, v_mask])
+        rule = (f"test: official valid.csv; train/val random by {by} from train.csv (val: {val_share:g} of "
+                f"{unit}, split seed {seed}); {views}")
     else:
         parts = patient_split(groups, float(cfg.test_share), val_share, seed)
+        rule = (f"random by {by}: test {float(cfg.test_share):g} of {unit}, val {val_share:g} of the rest "
+                f"(split seed {seed}); {views}")
     check_splits(parts, f"data=chexpert ({root})",
                  "check data.root, data.frontal_only and data.val_share / data.test_share (too few patients?)")
     resolve = _resolver(root, rel)
-    paths = [str(resolve(p)) for p in rel]
-    return assemble(str(cfg.name), labels, paths, rel, y, mask, parts, cfg, anchor=root,
-                    cache_label="chexpert")
+    return SplitPlan(name=str(cfg.name), label_names=labels, labels=y, mask=mask, ids=rel, parts=parts,
+                     split_rule=rule, paths=[str(resolve(p)) for p in rel], anchor=str(root),
+                     cache_label="chexpert")
+
+
+@register_dataset("chexpert", labels=chexpert_labels, plan=chexpert_plan)
+def build_chexpert(cfg: Mapping) -> DataBundle:
+    return assemble(chexpert_plan(cfg), cfg)

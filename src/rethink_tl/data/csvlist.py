@@ -8,7 +8,9 @@ RGB (see images.py for how each is stored).
 Split: with ``data.cutoff_date`` set, the paper's prospective COVID-19 protocol (train and val
 from the images dated before the cutoff, val = ``val_share`` of their patients; test = the images
 on or after it); otherwise random by patient (``test_share`` of the patients, then ``val_share``
-of the rest). Without a patient column every image counts as its own patient.
+of the rest). Without a patient column every image counts as its own patient; so does every image
+with ``data.split_by=image`` (the val holdout before a cutoff too), which lets one patient's images
+land in two splits.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import pandas as pd
 
 from ..errors import UserError
 from . import register_dataset
-from .base import DataBundle
-from .splits import patient_split, prospective_split
+from .base import DataBundle, SplitPlan
+from .splits import patient_split, prospective_split, split_groups
 from .tables import assemble, check_splits, label_values, parse_labels, read_table, require_columns
 
 log = logging.getLogger(__name__)
@@ -80,8 +82,8 @@ def _rows(df: pd.DataFrame, rows: np.ndarray, col: str) -> str:
     return shown + (f"; and {len(rows) - 5} more" if len(rows) > 5 else "")
 
 
-@register_dataset("csv", labels=csv_labels)
-def build_csv(cfg: Mapping) -> DataBundle:
+def csv_plan(cfg: Mapping) -> SplitPlan:
+    """The split of ``data.csv`` from the table alone: no image is opened."""
     path = _csv_path(cfg)
     df = read_table(path, "data.csv")
     labels = csv_labels(cfg, df)
@@ -98,10 +100,13 @@ def build_csv(cfg: Mapping) -> DataBundle:
     paths = [str(base / p) for p in rel]  # an absolute p replaces base
     y, mask = parse_labels(df, labels, str(cfg.uncertain), str(path))
     if patient_col:
-        groups = df[patient_col].str.strip().to_numpy(dtype=object)
+        patients = df[patient_col].str.strip().to_numpy(dtype=object)
     else:
         log.info("data.csv: no patient column, so every image counts as its own patient")
-        groups = np.array([f"row{i}" for i in range(len(df))], dtype=object)
+        patients = np.array([f"row{i}" for i in range(len(df))], dtype=object)
+    by = str(cfg.split_by)
+    groups = split_groups(patients, by)
+    unit = "patients" if by == "patient" and patient_col else "images"
     seed = int(cfg.split_seed)
     val_share = float(cfg.val_share)
     cutoff = cfg.cutoff_date
@@ -116,15 +121,24 @@ def build_csv(cfg: Mapping) -> DataBundle:
         if len(bad):
             raise UserError(f"{path}: {len(bad)} rows have no readable {date_col!r}: {_rows(df, bad, date_col)}")
         parts = prospective_split(dates, cut, groups, val_share, seed)
-        both = set(groups[parts["test"]]) & set(groups[np.concatenate([parts["train"], parts["val"]])])
+        both = set(patients[parts["test"]]) & set(patients[np.concatenate([parts["train"], parts["val"]])])
         if patient_col and both:
             log.warning("data.csv: %d patients have images both before and after data.cutoff_date=%s", len(both),
                         cut.date())
         hint = (f"data.cutoff_date={cut.date()} but the images date from {dates.min().date()} to "
                 f"{dates.max().date()}")
+        rule = (f"date: train/val before {cut.date()}, test on or after (val: {val_share:g} of {unit}, "
+                f"split seed {seed})")
     else:
         parts = patient_split(groups, float(cfg.test_share), val_share, seed)
-        hint = f"{len(set(groups))} patients are too few for data.val_share / data.test_share"
+        hint = f"{len(set(groups))} {unit} are too few for data.val_share / data.test_share"
+        rule = (f"random by {'patient' if unit == 'patients' else 'image'}: test {float(cfg.test_share):g} of "
+                f"{unit}, val {val_share:g} of the rest (split seed {seed})")
     check_splits(parts, str(path), hint)
-    return assemble(str(cfg.name), labels, paths, rel.tolist(), y, mask, parts, cfg,
-                    anchor=path.parent, cache_label=path.stem)
+    return SplitPlan(name=str(cfg.name), label_names=labels, labels=y, mask=mask, ids=rel.tolist(), parts=parts,
+                     split_rule=rule, paths=paths, anchor=str(path.parent), cache_label=path.stem)
+
+
+@register_dataset("csv", labels=csv_labels, plan=csv_plan)
+def build_csv(cfg: Mapping) -> DataBundle:
+    return assemble(csv_plan(cfg), cfg)

@@ -11,10 +11,10 @@ even when saved as RGB, and the model replicates one channel to three on the dev
 ``channels=3`` stores RGB (grey images replicated). ``auto`` is resolved by the caller from the
 file headers (see ``header_channels``): 3 only if some image is stored in a colour mode.
 
-Geometry (``resize``): ``pad`` (default) scales the long side to the target and pads the short
-side with black, so nothing at the edge of the film (costophrenic angles, apices) is cut away;
-``crop`` scales the short side to the target and cuts the centre square; ``stretch`` ignores the
-aspect ratio (what a plain ``Resize((S, S))`` does).
+Geometry (``resize``): ``crop`` (default, as the paper: "cropped and resized to 224x224") scales
+the short side to the target and cuts the centre square; ``pad`` scales the long side to the target
+and pads the short side with black, so nothing at the edge of the film (costophrenic angles, apices)
+is cut away; ``stretch`` ignores the aspect ratio (what a plain ``Resize((S, S))`` does).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class ImageSpec:
     """How every image of a data set is turned into an array; part of the cache key."""
 
     size: int
-    resize: str = "pad"
+    resize: str  # crop | pad | stretch; no default here: the one default is data.resize's (config.py)
     channels: int = 1  # 1 or 3 (``auto`` is resolved before decoding)
     rescale16: str = "minmax"
 

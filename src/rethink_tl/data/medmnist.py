@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from . import register_dataset
-from .base import DataBundle, Split
+from .base import DataBundle, Split, SplitPlan
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,34 @@ def _images(x: np.ndarray, size: int, where: str) -> torch.Tensor:
     return out
 
 
-@register_dataset("medmnist", labels=medmnist_labels)
+SPLIT_RULE = "official MedMNIST splits"
+
+
+def _check_layout(z, path: Path) -> None:
+    missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in z.files]
+    if missing:
+        raise UserError(f"{path} is not in the MedMNIST layout: no {', '.join(missing)} (it has {', '.join(z.files)})")
+
+
+def medmnist_plan(cfg: Mapping) -> SplitPlan:
+    """The official splits from the label arrays alone (the images are not loaded)."""
+    flag = _flag(cfg)
+    task, names = _task_and_names(cfg, flag)
+    path = _npz_path(cfg, flag)
+    ys, ids = [], []
+    with _open(path) as z:
+        _check_layout(z, path)
+        for split in SPLITS:
+            ys.append(_targets(z[f"{split}_labels"], task, len(names), f"{path.name} {split}"))
+            ids += [f"{flag}/{split}/{i}" for i in range(len(ys[-1]))]
+    ends = np.cumsum([0] + [len(y) for y in ys])
+    labels = np.concatenate(ys)
+    return SplitPlan(name=str(cfg.name), label_names=names, labels=labels, mask=np.ones(labels.shape, dtype=bool),
+                     ids=ids, parts={s: np.arange(ends[k], ends[k + 1]) for k, s in enumerate(SPLITS)},
+                     split_rule=SPLIT_RULE)
+
+
+@register_dataset("medmnist", labels=medmnist_labels, plan=medmnist_plan)
 def build_medmnist(cfg: Mapping) -> DataBundle:
     flag = _flag(cfg)
     task, names = _task_and_names(cfg, flag)
@@ -191,10 +218,7 @@ def build_medmnist(cfg: Mapping) -> DataBundle:
     size = int(cfg["image_size"])
     splits = {}
     with _open(path) as z:
-        missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in z.files]
-        if missing:
-            raise UserError(f"{path} is not in the MedMNIST layout: no {', '.join(missing)} "
-                            f"(it has {', '.join(z.files)})")
+        _check_layout(z, path)
         for split in SPLITS:
             x, y = z[f"{split}_images"], z[f"{split}_labels"]
             where = f"{path.name} {split}"
@@ -205,4 +229,4 @@ def build_medmnist(cfg: Mapping) -> DataBundle:
                                   mask=torch.ones(labels.shape, dtype=torch.bool),
                                   ids=[f"{flag}/{split}/{i}" for i in range(len(x))])
     log.info("medmnist: %s (%s, labels %s)", path, task, names)
-    return DataBundle(name=str(cfg.name), label_names=names, **splits)
+    return DataBundle(name=str(cfg.name), label_names=names, split_rule=SPLIT_RULE, **splits)

@@ -11,18 +11,28 @@ from ..errors import UserError
 from .base import Split
 
 
-def stratified_fraction(split: Split, fraction: float, seed: int, label_names: list[str]) -> Split:
-    """Keep ``fraction`` of a split, stratified by each image's combination of labels.
+def subset_seed(fraction: float, seed: int, rule: str, train_seed: int) -> int | None:
+    """The seed that draws the training subset: ``data.subset_seed`` (``data.subset=fixed``, the same
+    images for every training seed), or ``data.subset_seed + train.seed`` (``per_seed``: a run with
+    ``data.subset=fixed data.subset_seed=<that sum>`` trains on the same images). None at fraction 1."""
+    if float(fraction) == 1.0:
+        return None
+    return int(seed) + (int(train_seed) if str(rule) == "per_seed" else 0)
 
-    The subset depends only on ``seed`` (data.subset_seed), not on the training seed, so
-    the repeated training seeds of one setting all see the same images.
+
+def stratified_index(labels: np.ndarray, mask: np.ndarray, fraction: float, seed: int,
+                     label_names: list[str], seed_note: str | None = None) -> np.ndarray:
+    """Sorted row indices of ``fraction`` of the rows, stratified by each row's combination of labels.
+
+    The subset depends only on ``seed`` (see :func:`subset_seed`) and the labels; ``seed_note`` says in
+    an error where the seed came from (default ``data.subset_seed=<seed>``).
     """
     if not 0.0 < fraction <= 1.0:
         raise UserError(f"data.fraction must be in (0, 1], got {fraction}")
     if fraction == 1.0:
-        return split
+        return np.arange(len(labels))
     rng = np.random.default_rng(seed)
-    labels = (split.labels.numpy() > 0.5) & split.mask.numpy()
+    labels = (labels > 0.5) & mask
     # Rows with the same label combination form one stratum. With the rarest label as the most
     # significant column, np.unique lists the strata so that all those sharing a rare positive
     # are neighbours.
@@ -36,23 +46,38 @@ def stratified_fraction(split: Split, fraction: float, seed: int, label_names: l
     # Rounding each stratum on its own instead would drop every stratum smaller than
     # 1 / fraction: multi-label data such as CheXpert, with thousands of label combinations,
     # would end up far below the requested fraction and short of rare positives.
-    n = int(round(fraction * len(split)))
-    edges = np.concatenate([[0.0], np.cumsum(sizes * (n / len(split)))])
+    n = int(round(fraction * len(labels)))
+    edges = np.concatenate([[0.0], np.cumsum(sizes * (n / len(labels)))])
     points = rng.random() + np.arange(n)
     hit = np.clip(np.searchsorted(edges, points, side="right") - 1, 0, len(sizes) - 1)
     take = np.minimum(np.bincount(hit, minlength=len(sizes)), sizes)
     keep = [rng.permutation(np.flatnonzero(stratum == s))[:k] for s, k in enumerate(take) if k > 0]
     index = np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=int)
     if len(index) == 0:
-        raise UserError(f"data.fraction={fraction} of {len(split)} training images keeps no image: use a larger fraction")
-    sub = split.subset(index)
-    missing = [lab for lab, p in zip(label_names, sub.positives()) if p == 0]
+        raise UserError(f"data.fraction={fraction} of {len(labels)} training images keeps no image: "
+                        "use a larger fraction")
+    missing = [lab for lab, p in zip(label_names, labels[index].sum(0)) if p == 0]
     if missing:
         raise UserError(
-            f"data.fraction={fraction} (data.subset_seed={seed}) keeps {len(index)} training images but no positive "
-            f"for {', '.join(missing)}: use a larger fraction or drop that label"
+            f"data.fraction={fraction} ({seed_note or f'data.subset_seed={seed}'}) keeps {len(index)} training "
+            f"images but no positive for {', '.join(missing)}: use a larger fraction or drop that label"
         )
-    return sub
+    return index
+
+
+def stratified_fraction(split: Split, fraction: float, seed: int, label_names: list[str]) -> Split:
+    """Keep ``fraction`` of a split (:func:`stratified_index`); the split itself at fraction 1."""
+    if fraction == 1.0:
+        return split
+    return split.subset(stratified_index(split.labels.numpy(), split.mask.numpy(), fraction, seed, label_names))
+
+
+def split_groups(patients, split_by: str) -> np.ndarray:
+    """What a split keeps together: the patient of each image (``data.split_by=patient``), or each image
+    on its own (``image``: the paper's random split, which puts one patient's images on both sides)."""
+    if str(split_by) == "image":
+        return np.array([f"row{i}" for i in range(len(patients))], dtype=object)
+    return np.asarray(patients, dtype=object)
 
 
 def _holdout(groups: np.ndarray, share: float, seed: int, what: str) -> np.ndarray:

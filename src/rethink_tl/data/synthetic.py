@@ -40,7 +40,7 @@ import numpy as np
 
 from rethink_tl.errors import UserError
 
-__all__ = ["LABELS", "MIN_SIZE", "MAX_SIZE", "generate_split"]
+__all__ = ["LABELS", "MIN_SIZE", "MAX_SIZE", "generate_labels", "generate_split"]
 
 LABELS: tuple[str, ...] = ("opacity", "nodule")
 MIN_SIZE = 32
@@ -315,6 +315,32 @@ def _check_args(n, size, seed, prevalence, labels) -> tuple[tuple[str, ...], np.
     return labels, prev
 
 
+def _draw_label(seed: int, i: int, key: int, prevalence: float) -> tuple[bool, np.random.Generator]:
+    """Whether label ``key`` of image ``i`` is positive, and its stream for painting the finding.
+
+    The label draw comes first in its stream, so the finding's shape for image i is the same whatever
+    the prevalence.
+    """
+    lrng = np.random.default_rng([seed, i, _LABEL_STREAM, key])
+    return bool(lrng.random() < prevalence), lrng
+
+
+def generate_labels(
+    n: int,
+    seed: int,
+    prevalence: float | Sequence[float],
+    labels: Sequence[str] = LABELS,
+) -> np.ndarray:
+    """The labels ``generate_split(n, size, seed, prevalence, labels)`` gives, at any size, without
+    rendering an image: float32 ``(n, len(labels))`` of 0/1."""
+    labels, prev = _check_args(n, MIN_SIZE, seed, prevalence, labels)
+    y = np.zeros((n, len(labels)), dtype=np.float32)
+    for j, name in enumerate(labels):
+        key = _label_key(name)
+        y[:, j] = [_draw_label(seed, i, key, prev[j])[0] for i in range(n)]
+    return y
+
+
 def generate_split(
     n: int,
     size: int,
@@ -351,10 +377,8 @@ def generate_split(
         noise = np.random.default_rng([seed, i, _NOISE_STREAM])
         img, lungs = _render_anatomy(rng, noise, g)
         for j, name, key in order:
-            lrng = np.random.default_rng([seed, i, _LABEL_STREAM, key])
-            # The label draw comes first in its stream, so the finding's shape for
-            # image i is the same whatever the prevalence.
-            if lrng.random() < prev[j]:
+            positive, lrng = _draw_label(seed, i, key, prev[j])
+            if positive:
                 y[i, j] = 1.0
                 lnoise = np.random.default_rng([seed, i, _LABEL_STREAM, key, _NOISE_STREAM])
                 img = img + _PAINTERS[name](lrng, lnoise, g, lungs)

@@ -9,8 +9,8 @@ import torch
 
 from ..errors import UserError
 from . import register_dataset
-from .base import DataBundle, Split
-from .synthetic import LABELS, generate_split
+from .base import SPLIT_NAMES, DataBundle, Split, SplitPlan
+from .synthetic import LABELS, generate_labels, generate_split
 
 
 def synthetic_labels(cfg: Mapping) -> list[str]:
@@ -21,29 +21,51 @@ def synthetic_labels(cfg: Mapping) -> list[str]:
     return labels
 
 
-@register_dataset("synthetic", labels=synthetic_labels)
-def build_synthetic(cfg: Mapping) -> DataBundle:
-    labels = synthetic_labels(cfg)
+def _streams(cfg: Mapping) -> list[tuple[str, int, int, float]]:
+    """(split, count, generator seed, prevalence) of each split. Each split has its own stream of images;
+    image i of a split is a pure function of (seed, split, i)."""
     n = int(cfg.num_samples)
-    size = int(cfg["image_size"])
     seed = int(cfg.seed)
     n_val = int(round(n * float(cfg.val_share)))
     n_test = int(round(n * float(cfg.test_share)))
     n_train = n - n_val - n_test
     if min(n_train, n_val, n_test) <= 0:
         raise UserError(f"data.num_samples={n} is too small for the val/test shares: every split needs images")
-    prevalence = float(cfg.prevalence)
-    test_prevalence = float(cfg.test_prevalence)
+    counts = (n_train, n_val, n_test)
+    prevalence = (float(cfg.prevalence), float(cfg.prevalence), float(cfg.test_prevalence))
+    return [(split, counts[k], seed * 3 + k, prevalence[k]) for k, split in enumerate(SPLIT_NAMES)]
+
+
+def _split_rule(cfg: Mapping) -> str:
+    return (f"generated: each split its own images (data.seed {int(cfg.seed)}); prevalence "
+            f"{float(cfg.prevalence):g} (test {float(cfg.test_prevalence):g})")
+
+
+def synthetic_plan(cfg: Mapping) -> SplitPlan:
+    """The generated splits' sizes and labels (label draws only: no image is rendered)."""
+    labels = synthetic_labels(cfg)
+    ys, ids = [], []
+    for split, count, seed, prev in _streams(cfg):
+        ys.append(generate_labels(count, seed=seed, prevalence=prev, labels=labels))
+        ids += [f"{split}-{i:06d}" for i in range(count)]
+    ends = np.cumsum([0] + [len(y) for y in ys])
+    y = np.concatenate(ys)
+    return SplitPlan(name="synthetic", label_names=labels, labels=y, mask=np.ones(y.shape, dtype=bool), ids=ids,
+                     parts={s: np.arange(ends[k], ends[k + 1]) for k, s in enumerate(SPLIT_NAMES)},
+                     split_rule=_split_rule(cfg))
+
+
+@register_dataset("synthetic", labels=synthetic_labels, plan=synthetic_plan)
+def build_synthetic(cfg: Mapping) -> DataBundle:
+    labels = synthetic_labels(cfg)
+    size = int(cfg["image_size"])
     splits = {}
-    # Each split has its own stream of images; image i of a split is a pure function of (seed, split, i).
-    for k, (split, count, prev) in enumerate(
-        (("train", n_train, prevalence), ("val", n_val, prevalence), ("test", n_test, test_prevalence))
-    ):
-        images, y = generate_split(count, size, seed=seed * 3 + k, prevalence=prev, labels=labels)
+    for split, count, seed, prev in _streams(cfg):
+        images, y = generate_split(count, size, seed=seed, prevalence=prev, labels=labels)
         splits[split] = Split(
             images=torch.from_numpy(np.ascontiguousarray(images))[:, None],
             labels=torch.from_numpy(y.astype(np.float32)),
             mask=torch.ones(y.shape, dtype=torch.bool),
             ids=[f"{split}-{i:06d}" for i in range(count)],
         )
-    return DataBundle(name="synthetic", label_names=labels, **splits)
+    return DataBundle(name="synthetic", label_names=labels, split_rule=_split_rule(cfg), **splits)

@@ -1,5 +1,5 @@
 """What the image-list datasets (CheXpert, CSV) share: reading the label table, checking it,
-turning label values into (labels, mask), and assembling splits from decoded images."""
+turning label values into (labels, mask), and assembling a split plan's rows from decoded images."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from ..errors import UserError
-from .base import DataBundle, Split
+from .base import SPLIT_NAMES, DataBundle, Split, SplitPlan
 from .cache import load_images
 
 UNCERTAIN_POLICIES = ("ones", "zeros", "ignore")
@@ -85,29 +85,28 @@ def check_splits(parts: Mapping[str, np.ndarray], source: str, hint: str) -> Non
             raise UserError(f"{source}: the {name} split is empty ({sizes}); {hint}")
 
 
-def assemble(name: str, label_names: list[str], paths: Sequence[str], ids: Sequence[str], labels: np.ndarray,
-             mask: np.ndarray, parts: Mapping[str, np.ndarray], cfg: Mapping, anchor: str | os.PathLike,
-             cache_label: str) -> DataBundle:
-    """Decode (or read cached) images for every row of ``parts`` and build the bundle.
+def assemble(plan: SplitPlan, cfg: Mapping) -> DataBundle:
+    """Decode (or read cached) images for every row of ``plan.parts`` and build the bundle.
 
     Splits are fixed before the images are checked, so skipping a bad image
     (``data.on_bad_image=skip``) removes that image only and moves no patient between splits.
     """
-    order = np.concatenate([parts[k] for k in ("train", "val", "test")])
-    loaded = load_images([paths[i] for i in order], cfg, label=cache_label, anchor=anchor)
-    position = np.empty(len(paths), dtype=np.int64)
+    parts = plan.parts
+    order = np.concatenate([parts[k] for k in SPLIT_NAMES])
+    loaded = load_images([plan.paths[i] for i in order], cfg, label=plan.cache_label, anchor=plan.anchor)
+    position = np.empty(len(plan.paths), dtype=np.int64)
     position[order] = np.arange(len(order))
     splits = {}
-    for split_name in ("train", "val", "test"):
+    for split_name in SPLIT_NAMES:
         rows = parts[split_name]
         rows = rows[loaded.ok[position[rows]]]
         if len(rows) == 0:
-            raise UserError(f"{cache_label}: the {split_name} split has no readable image left "
+            raise UserError(f"{plan.cache_label}: the {split_name} split has no readable image left "
                             "after skipping the bad ones")
         splits[split_name] = Split(
             images=loaded.take(position[rows]),
-            labels=torch.from_numpy(labels[rows]),
-            mask=torch.from_numpy(mask[rows]),
-            ids=[str(ids[i]) for i in rows],
+            labels=torch.from_numpy(plan.labels[rows]),
+            mask=torch.from_numpy(plan.mask[rows]),
+            ids=[str(plan.ids[i]) for i in rows],
         )
-    return DataBundle(name=name, label_names=list(label_names), **splits)
+    return DataBundle(name=plan.name, label_names=list(plan.label_names), split_rule=plan.split_rule, **splits)

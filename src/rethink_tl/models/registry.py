@@ -2,12 +2,14 @@
 
 A model file describes only a trunk: the feature extractor and what ``weights.py`` needs to know
 about where its tensors come from (``ModelInfo``). ``build_model`` adds what every model shares:
-global average pooling and a fresh ``Linear`` head sized for the task.
+a head of global average pooling (or, with ``model.head=flatten``, the whole feature map), optional
+dropout, and a fresh ``Linear`` layer sized for the task.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -66,16 +68,56 @@ class Trunk:
 
 
 class Classifier(nn.Module):
-    """trunk -> global average pool -> Linear(num_labels)."""
+    """trunk -> global average pool (or flatten) -> [Dropout] -> Linear(num_labels).
 
-    def __init__(self, trunk: Trunk, num_labels: int):
+    ``head="flatten"`` feeds the whole C x H x W feature map to the Linear layer. H and W depend on the
+    input size, so the head is built for ``image_size`` and refuses inputs of any other size.
+    """
+
+    def __init__(self, trunk: Trunk, num_labels: int, head: str = "pool", dropout: float = 0.0,
+                 image_size: int | None = None):
         super().__init__()
         if num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+        if head not in ("pool", "flatten"):
+            raise ValueError(f"head must be 'pool' or 'flatten', got {head!r}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.trunk = trunk.module
-        self.head = nn.Linear(trunk.info.num_features, num_labels)
         self.info = trunk.info
         self._trunk_forward = trunk.forward
+        self.image_size = image_size
+        # (C, H, W) of the trunk's output for a flatten head; None for a pooling head.
+        self.feature_shape: tuple[int, int, int] | None = None
+        in_features = trunk.info.num_features
+        if head == "flatten":
+            if image_size is None:
+                raise ValueError(f"model {trunk.info.name}: a flatten head needs the input image size; "
+                                 "pass build_model(..., image_size=cfg.data.image_size)")
+            _refuse_small(trunk.info, int(image_size))
+            self.feature_shape = self._probe(int(image_size))
+            in_features = math.prod(self.feature_shape)
+        # No module at all without dropout, so a default model is the very module it was before the option.
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.head = nn.Linear(in_features, num_labels)
+
+    def _probe(self, size: int) -> tuple[int, int, int]:
+        """The trunk's output shape for one ``size`` x ``size`` image, without side effects: eval mode
+        keeps BatchNorm's running statistics, and the forked RNG leaves the draws of every later
+        initialisation (the Linear layer, apply_init) as they would be with a pooling head."""
+        was_training = self.trunk.training
+        self.trunk.eval()
+        try:
+            # The trunk is still on the CPU here, so only the CPU generator needs forking. Batches always
+            # reach the model with 3 channels (engine.Batcher broadcasts grey images).
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                features = self.forward_trunk(torch.zeros(1, 3, size, size))
+        finally:
+            self.trunk.train(was_training)
+        if features.ndim != 4:
+            raise RuntimeError(f"model {self.info.name}: the trunk gave a {features.ndim}-d output, not NCHW")
+        c, h, w = features.shape[1:]
+        return int(c), int(h), int(w)
 
     def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
         if self._trunk_forward is None:
@@ -83,7 +125,19 @@ class Classifier(nn.Module):
         return self._trunk_forward(self.trunk, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = F.adaptive_avg_pool2d(self.forward_trunk(x), 1).flatten(1)
+        features = self.forward_trunk(x)
+        if self.feature_shape is None:
+            features = F.adaptive_avg_pool2d(features, 1).flatten(1)
+        else:
+            if tuple(features.shape[1:]) != self.feature_shape:
+                c, h, w = self.feature_shape
+                raise ValueError(
+                    f"model {self.info.name} has a flatten head built for {self.image_size} px images "
+                    f"({c}x{h}x{w} features), not for {x.shape[-2]}x{x.shape[-1]} px ones "
+                    f"({'x'.join(map(str, features.shape[1:]))}): build it with image_size equal to the input size")
+            features = features.flatten(1)
+        if self.dropout is not None:
+            features = self.dropout(features)
         return self.head(features)
 
 
@@ -126,10 +180,11 @@ def canonical_name(name: str) -> str:
     return name
 
 
-def build_model(model_cfg: Mapping[str, Any], num_labels: int) -> Classifier:
+def build_model(model_cfg: Mapping[str, Any], num_labels: int, *, image_size: int | None = None) -> Classifier:
     """Build the model named by ``model_cfg['name']`` with a fresh ``num_labels``-way head.
 
     Extra keys in ``model_cfg`` are passed to the builder, which ignores those it does not use.
+    ``image_size`` (the side of the square inputs) is needed by ``model.head=flatten`` only.
     """
     from ..config import ModelConfig, typed
 
@@ -138,12 +193,20 @@ def build_model(model_cfg: Mapping[str, Any], num_labels: int) -> Classifier:
     if not name:
         raise UserError(f"the model config has no name; choose one with model=NAME from: {', '.join(model_names())}")
     name = canonical_name(str(name))
-    return Classifier(_BUILDERS[name](name, model_cfg), num_labels)
+    return Classifier(_BUILDERS[name](name, model_cfg), num_labels, head=str(model_cfg.head),
+                      dropout=float(model_cfg.dropout), image_size=image_size)
 
 
 def check_image_size(model: Classifier, size: int) -> None:
-    """Refuse an input size for which the trunk's feature map would be empty."""
-    info = model.info
+    """Refuse an input size for which the trunk's feature map would be empty, or that a flatten head
+    was not built for."""
+    _refuse_small(model.info, size)
+    if model.feature_shape is not None and size != model.image_size:
+        raise UserError(f"model {model.info.name} has a flatten head built for {model.image_size} px images "
+                        f"and cannot take {size} px ones")
+
+
+def _refuse_small(info: ModelInfo, size: int) -> None:
     if size < info.min_image_size:
         raise UserError(
             f"model {info.name} needs images of at least {info.min_image_size} px (got {size}): "
