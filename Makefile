@@ -40,7 +40,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 clean:
-	rm -rf runs multirun outputs demo_runs bench_runs
+	rm -rf runs multirun outputs demo_runs bench_runs claims
 
 # The paper's claims 2 (TL beats RI with little data) and 3 (a truncated network matches or beats the
 # whole one) in miniature, offline: real ImageNet weights (EfficientNet-Lite0), 5 % of the synthetic
@@ -92,7 +92,7 @@ FIG4_ALL   := $(CBR_MODELS),$(FIG4_DEEP)
 
 ifeq ($(PROFILE),full)
 COVID_DATA    := data=csv data.csv=$(COVID_CSV) data.name=$(COVID_NAME) \
-                 $(if $(filter none,$(COVID_CUTOFF)),,data.cutoff_date=$(COVID_CUTOFF))
+                 $(if $(filter none None NONE,$(COVID_CUTOFF)),,data.cutoff_date=$(COVID_CUTOFF))
 CHEXPERT_DATA := data=chexpert data.root=$(CHEXPERT_ROOT)
 COVID_RUNS    := $(RUNS)/$(COVID_NAME)
 CHEXPERT_RUNS := $(RUNS)/chexpert
@@ -126,7 +126,7 @@ PROFILE_ARGS  := train.epochs=$(SMOKE_EPOCHS) train.batch_size=16 train.lr=1e-3 
 DEEP_TL       := 'init.weights=$(abspath $(STANDIN))/$${model.name}.pth'
 CBR_TL        := $(DEEP_TL)
 NOTE          ?= smoke profile: synthetic data stands in for COVID-19 and CheXpert ($(SMOKE_SAMPLES) images, \
-                 $(SMOKE_EPOCHS) epochs, 1 seed); "TL" starts from seeded random stand-in weights, not ImageNet: \
+                 epochs: $(SMOKE_EPOCHS)); "TL" starts from seeded random stand-in weights, not ImageNet: \
                  this checks the pipeline, its numbers say nothing about transfer learning.
 NEEDS         := $(STANDIN)/README.txt
 else
@@ -143,10 +143,15 @@ cbr_tl = $(if $(CBR_TL),$(call sweep,$(1),$(2),$(or $(3),$(CBR_MODELS)),pretrain
 report = $(RTL) report $(2) --figure $(1) --out $(FIG_DIR)/$(1) $(if $(NOTE),--note '$(NOTE)')
 # $(call need,VARIABLE): stop with a message when PROFILE=full lacks a data path
 need = $(if $(filter full,$(PROFILE)),@test -n "$($(1))" || { echo "make $@: set $(1)=PATH to the real data; or use PROFILE=smoke (synthetic data)" >&2; exit 2; })
-# $(call check_data,DATA ARGS): read the tables and compute the split, no image decoded, before any run:
-# a CSV without its date column (or any other data problem) stops here, not in every run of the sweep
-check_data = $(if $(filter full,$(PROFILE)),@$(RTL) data $(1) || { echo "make $@: fix the data settings above$(2)" >&2; exit 2; })
-COVID_HINT := ; a CSV without dates needs COVID_CUTOFF=none (random split by patient, not the paper's prospective split)
+# $(call check_data,DATA ARGS,HINT): read the tables and compute the split of every data fraction and seed of
+# the figure's sweep (its experiment and SWEEP_ARGS), no image decoded, before any run: a CSV without its date
+# column (or any other data problem) stops here, not in every run of the sweep
+check_data = $(if $(filter full,$(PROFILE)),@$(RTL) data +experiment=$@ $(1) $(SWEEP_ARGS) || { echo "make $@: fix the data settings above $(2)" >&2; exit 2; })
+# $(call need_cutoff): an empty COVID_CUTOFF would silently mean a random split
+need_cutoff = $(if $(filter full,$(PROFILE)),@test -n "$(strip $(COVID_CUTOFF))" || { echo "make $@: COVID_CUTOFF is empty: give the prospective split's date (YYYY-MM-DD; the paper's is 2020-06-30, the default) or none for a random split by patient" >&2; exit 2; })
+COVID_HINT := $(if $(filter none None NONE,$(COVID_CUTOFF)),(COVID_CUTOFF=none: random split by patient),\
+              (COVID_CUTOFF=$(COVID_CUTOFF): the prospective split needs a date per image; for a CSV without dates, \
+              COVID_CUTOFF=none splits at random by patient instead))
 
 .PHONY: figures fig2 fig3 fig4 fig5 fig6 fig7 clean-smoke
 .NOTPARALLEL:
@@ -161,6 +166,7 @@ fig2: $(STAMP)
 
 fig3: $(STAMP) $(NEEDS)
 	$(call need,COVID_CSV)
+	$(call need_cutoff)
 	$(call check_data,$(COVID_DATA),$(COVID_HINT))
 	$(call sweep,fig3,$(COVID_DATA),$(FIG3_ALL),random)
 	$(call sweep,fig3,$(COVID_DATA),$(FIG3_DEEP),pretrained,$(DEEP_TL))
@@ -184,12 +190,14 @@ fig5: $(STAMP) $(NEEDS)
 
 fig6: $(STAMP) $(NEEDS)
 	$(call need,COVID_CSV)
+	$(call need_cutoff)
 	$(call check_data,$(COVID_DATA),$(COVID_HINT))
 	$(call sweep,fig6,$(COVID_DATA),$(FIG6_DEEP),pretrained,$(DEEP_TL))
 	$(call report,fig6,$(COVID_RUNS))
 
 fig7: $(STAMP) $(NEEDS)
 	$(call need,COVID_CSV)
+	$(call need_cutoff)
 	$(call check_data,$(COVID_DATA),$(COVID_HINT))
 	$(call sweep,fig7,$(COVID_DATA),$(FIG7_DEEP),pretrained,$(DEEP_TL))
 	$(call cbr_tl,fig7,$(COVID_DATA))

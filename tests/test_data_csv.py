@@ -123,8 +123,13 @@ def test_bad_tables(tmp_path):
     table = pd.read_csv(path, keep_default_na=False)
     table.loc[2, "date"] = "not yet"
     table.to_csv(tmp_path / "bad_date.csv", index=False)
-    with pytest.raises(UserError, match=r"1 rows have no readable 'date': row 3 \(line 4\)"):
+    with pytest.raises(UserError, match=r"1 rows have no readable 'date' \(dates must be YYYY-MM-DD.*: row 3 \(line 4\)"):
         build_data(data_cfg(tmp_path / "bad_date.csv", "data.cutoff_date=2020-03-05"))
+    # A day-first date is refused, not read month-first: 03/07/2020 would land on either side of a cutoff.
+    table.loc[2, "date"] = "03/07/2020"
+    table.to_csv(tmp_path / "dmy.csv", index=False)
+    with pytest.raises(UserError, match=r"1 rows have no readable 'date'.*row 3 \(line 4\) date='03/07/2020'"):
+        build_data(data_cfg(tmp_path / "dmy.csv", "data.cutoff_date=2020-03-05"))
     with pytest.raises(UserError, match="no column 'file'"):
         build_data(data_cfg(path, "data.path_column=file"))
     with pytest.raises(UserError, match="data.csv is not set"):
@@ -191,7 +196,7 @@ def test_plan_counts_and_balances_from_the_table_alone(csv, tmp_path):
     # a run would stop on it; train keeps 10 positive, 6 negative images. Opacity cycles 1 / 0 / -1 /
     # blank, U-Ones: one positive image in every pair. Test = images 20..29: covid for 22, 23, 26, 27.
     assert lines[1:] == ["  train: 16 images; balance covid 1:0.60; opacity 1:1.00",
-                         "  val: 4 images; balance covid 1:inf; opacity 1:1.00",
+                         "  val: 4 images; balance covid no positive; opacity 1:1.00",
                          "  test: 10 images; balance covid 1:1.50; opacity 1:1.00"]
     data = build_data(data_cfg(csv, "data.cutoff_date=2020-03-21"))
     assert [f"  {k}: {len(s)} images; balance {data.balance(k)}" for k, s in data.splits().items()] == lines[1:]

@@ -17,7 +17,7 @@ def test_balance_counts_negatives_per_positive_among_counted_cells():
     mask = np.ones_like(labels, dtype=bool)
     mask[3, 1] = mask[4, 1] = False  # two uncertain cells left out (data.uncertain=ignore)
     # a: 2 positives, 3 negatives; b: 2 positives, 1 counted negative; c: no positive.
-    assert balance(["a", "b", "c"], labels, mask) == "a 1:1.50; b 1:0.50; c 1:inf"
+    assert balance(["a", "b", "c"], labels, mask) == "a 1:1.50; b 1:0.50; c no positive"
     covid = np.zeros((173, 1), dtype=np.float32)
     covid[:10] = 1
     assert balance(["covid"], covid, np.ones_like(covid, dtype=bool)) == "covid 1:16.30"
@@ -57,3 +57,22 @@ def test_medmnist_plan_is_the_official_splits(tmp_path):
     ]
     assert [data.balance(k) for k in ("train", "val", "test")] == [
         "pneumonia 1:1.00", "pneumonia 1:1.33", "pneumonia 1:1.25"]
+
+
+def test_plan_refuses_what_a_run_would_refuse_label_names_and_a_test_split_without_positives(tmp_path):
+    import pytest
+
+    from rethink_tl.data import UnusableSplit
+    from rethink_tl.errors import UserError
+
+    rows = ["path,covid,trapz_x,date"] + [f"i{k}.png,{k % 2},{k % 2},2020-03-{k + 1:02d}" for k in range(20)]
+    (tmp_path / "a.csv").write_text("\n".join(rows) + "\n")
+    cfg = compose_cfg(["data=csv", f"data.csv={tmp_path / 'a.csv'}", "data.cutoff_date=2020-03-15"]).data
+    with pytest.raises(UserError, match="'trapz_x': the names 'trapz' and 'trapz_...' are taken by the metric"):
+        plan(cfg, check=True)
+    cfg = compose_cfg(["data=csv", f"data.csv={tmp_path / 'a.csv'}", "data.cutoff_date=2020-03-20",
+                       "data.labels=[covid]"]).data
+    # The last image (2020-03-20, k = 19, positive) alone is the test split: no negative, no AUROC.
+    with pytest.raises(UnusableSplit, match="1 positive.*and 0 negative.*test split.*cannot be scored") as err:
+        plan(cfg, check=True)
+    assert "  test: 1 images; balance covid 1:0.00" in err.value.text

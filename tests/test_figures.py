@@ -97,6 +97,11 @@ def test_fig5_is_the_relative_change_over_densenet121_tl_of_the_papers_four_mode
             assert lengths == pytest.approx([2 * sd] * 3)
     metrics = figures.fig5(summary, plan.models, metrics=("auprc_trapz",))
     assert len(metrics.axes) == 1 and "AUPRC (trapezoid)" in metrics.axes[0].get_title()
+    title = fig._suptitle.get_text()
+    assert title.startswith("CBR-Small, Dens-T1, Dens-T2, Dens-T3 vs DenseNet121, all TL") and "no finished" not in title
+    partial = figures.fig5(summary[~summary.model.isin(["cbr_small", "dens_t2"])], plan.models)
+    title = partial._suptitle.get_text()
+    assert title.startswith("Dens-T1, Dens-T3 vs DenseNet121") and "no finished runs of CBR-Small, Dens-T2" in title
     without_reference = summary[summary.model != "dens_f"]
     with pytest.raises(UserError, match="DenseNet121 TL"):
         figures.fig5(without_reference, plan.models)

@@ -43,7 +43,7 @@ def test_fig5_runs_exactly_the_papers_five_models_with_tl():
     assert deep["model"] == "dens_t1,dens_t2,dens_t3,dens_f" and deep["init"] == "pretrained"
     assert cbr["model"] == "cbr_small" and cbr["init"] == "pretrained"
     assert cbr["init.weights"] == "/w/${model.name}.pth" and "init.weights" not in deep
-    assert "rtl data data=chexpert data.root=/x" in proc.stdout  # the data is checked before the sweeps
+    assert "rtl data +experiment=fig5 data=chexpert data.root=/x" in proc.stdout  # data checked before the sweeps
     # Without CBR weights the CBR-Small TL runs are skipped with a note naming the file they need.
     proc = make("-n", "fig5", "CHEXPERT_ROOT=/x")
     assert len(sweeps(proc.stdout)) == 1 and "cbr_small.pth" in proc.stdout
@@ -89,6 +89,21 @@ def test_rtl_data_prints_the_split_then_stops_on_a_label_a_run_could_not_learn(t
     assert ok.returncode == 0 and bad.returncode == 2
     assert ok.stdout.startswith("csv: date: train/val before 2020-06-30, test on or after")
     assert "  test: 2 images; balance covid 1:1.00" in ok.stdout
-    assert "  val: 3 images; balance covid 1:inf" in bad.stdout
+    assert "  val: 3 images; balance covid no positive" in bad.stdout
     assert bad.stderr.startswith("rtl: error: label 'covid' has 0 positive(s) and 3 negative(s) in the val split")
     assert "Traceback" not in bad.stderr
+
+
+def test_the_data_check_takes_the_sweeps_own_overrides(tmp_path):
+    # A date column under another name: SWEEP_ARGS reaches the check as it reaches the sweeps.
+    rows = ["path,covid,patient_id,study_date"] + [f"i{k}.png,{k % 2},p{k},2020-0{3 + k // 3}-01" for k in range(16)]
+    (tmp_path / "sd.csv").write_text("\n".join(rows) + "\n")
+    dry = make("-n", "fig3", f"COVID_CSV={tmp_path / 'sd.csv'}", "SWEEP_ARGS=data.date_column=study_date").stdout
+    check = next(line for line in dry.splitlines() if " data +experiment=fig3 " in line)
+    assert "data.date_column=study_date" in check and "data.cutoff_date=2020-06-30" in check
+    # Every data fraction of fig3's design is checked (a 5 % subset without positives stops it here).
+    rtl = shutil.which("rtl") or str(BIN / "rtl")
+    proc = subprocess.run([rtl, "data", "+experiment=fig3", "data=csv", f"data.csv={tmp_path / 'sd.csv'}",
+                           "data.cutoff_date=2020-06-30", "data.date_column=study_date", "data.val_share=0.3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "data.fraction=0.05 of 8 training images keeps no image" in proc.stderr, proc.stderr

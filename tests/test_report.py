@@ -15,7 +15,7 @@ import yaml
 
 from rethink_tl.config import setting_id
 from rethink_tl.errors import UserError
-from rethink_tl.report import design, report
+from rethink_tl.report import design, drop_duplicate_seeds, gather, report, summarise
 
 LABELS = ["opacity", "nodule"]
 
@@ -253,3 +253,37 @@ def test_cli_report_refuses_a_figure_of_mixed_settings_but_writes_the_tables(tmp
     proc = rtl_report(tmp_path / "synthetic", "--figure", "fig7", "--out", tmp_path / "fig7", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "fig7" / "fig7.png").is_file() and "24 finished runs in 24 settings" in proc.stdout
+
+
+def test_seeds_from_other_weights_files_are_not_averaged_and_tl_vs_ri_weights_need_no_label(tmp_path):
+    rng = np.random.default_rng(1)
+    write_run(tmp_path, init="random", seed=0, values=metric_values(rng), weights="random")
+    for seed, source in ((0, "/cache/a/densenet121.pth"), (1, "/cache/a/densenet121.pth"),
+                         (2, "/elsewhere/densenet121.pth")):
+        write_run(tmp_path, init="pretrained", seed=seed, values=metric_values(rng), weights=source)
+    found = gather(tmp_path)
+    runs, _ = drop_duplicate_seeds(found.runs)
+    summary = summarise(runs, found.settings).set_index(["init", "seeds"])
+    # The seed trained from another file is a row of its own, named by the file; RI vs TL differ in their
+    # weights as they must, which is no setting to point out.
+    assert summary.loc[("pretrained", "0 1"), "settings"] == "weights=/cache/a/densenet121.pth"
+    assert summary.loc[("pretrained", "2"), "settings"] == "weights=/elsewhere/densenet121.pth"
+    assert summary.loc[("random", "0"), "settings"] == ""
+
+
+def test_a_seed_without_the_chosen_metric_is_named_not_averaged_away(tmp_path):
+    rng = np.random.default_rng(2)
+    for seed in (0, 1, 2):
+        values = metric_values(rng)
+        if seed != 1:  # seed 1 was made before auprc_trapz was recorded
+            values.update({"test_auprc_trapz": 0.1 * (seed + 1), "val_auprc_trapz": 0.2})
+        write_run(tmp_path, model="dens_f", init="pretrained", fraction=1.0, seed=seed, values=values,
+                  experiment="fig7")
+    done = report(tmp_path, figure="fig7", metrics=("auroc", "auprc_trapz"))
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert summary.n[0] == 3 and math.isnan(summary.test_auprc_trapz_mean[0])  # not (0.1 + 0.3) / 2 with n 3
+    assert not math.isnan(summary.test_auroc_mean[0])
+    assert len(done.problems) == 1 and "have no test auroc or auprc_trapz" in done.problems[0]
+    assert "s1-" in done.problems[0] and "(no test_auprc_trapz)" in done.problems[0]
+    assert not (tmp_path / "fig7.png").exists() and "fig7 not drawn" in done.text
+    assert "| test AUROC | test AUPRC (trapezoid) | val AUROC | val AUPRC (trapezoid) |" in done.text

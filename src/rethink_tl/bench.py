@@ -312,7 +312,8 @@ def run_bench(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         c = naive(cfg, device, images, y, batch, size, warmup, steps, Path(tmp))
     log.info("(c) naive     %.1f images/s over %d batches, peak %.2f GB", c.ips, c.timed_batches, mem_c.gb)
     row = {
-        "model": str(cfg.model.tag), "params": params, "image_size": size, "batch_size": batch,
+        "model": str(cfg.model.tag), "head": str(cfg.model.head), "dropout": float(cfg.model.dropout),
+        "params": params, "image_size": size, "batch_size": batch,
         # Without autocast a GPU still computes in TF32 where configure_device allows it: say so.
         "device": device_name(device), "precision": precision.name if precision.dtype else fp32_name(device),
         "channels_last": bool(cfg.runtime.channels_last), "compile": bool(cfg.runtime.compile),
@@ -337,7 +338,9 @@ def format_row(row: dict[str, Any]) -> str:
         else "uint8 data in memory"
     naive_how = f"{row['c_precision']}, cudnn.benchmark={row['c_cudnn_benchmark']}" if cuda else row["c_precision"]
     return "\n".join([
-        f"model {row['model']} ({row['params'] / 1e6:.2f}M params), {row['image_size']} px, batch {row['batch_size']}, "
+        f"model {row['model']} ({row['params'] / 1e6:.2f}M params, {row['head']} head"
+        + (f", dropout {row['dropout']:g}" if row["dropout"] else "") + f"), {row['image_size']} px, "
+        f"batch {row['batch_size']}, "
         f"{row['device']}, {row['precision']}, channels_last={row['channels_last']}, compile={row['compile']}",
         f"  {'':28} {'images/s':>10}   {'':12}  peak GB",
         f"  (a) bare model step          {row['a_bare_ips']:10.1f}   {'':12}  {row['a_peak_gb']:7.2f}",

@@ -58,9 +58,23 @@ def _hydra_message(err: Exception) -> str:
     key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "")
     cause = next((ln for ln in lines if ln.startswith(("Key '", "Value '", "Invalid value"))), "")
     if key and cause:
-        return f"{key}: {cause}" + ("" if cause.startswith("Key") else
+        return f"{key}: {cause}" + (_where_key_applies(key) if cause.startswith("Key") else
                                     " (the types and choices of every key: rethink_tl/config.py)")
     return lines[0] if lines else type(err).__name__
+
+
+def _where_key_applies(key: str) -> str:
+    """For ``data.split_by`` on a dataset without it: which datasets take that key."""
+    import dataclasses
+
+    from .config import SCHEMAS
+
+    group, _, name = key.partition(".")
+    if group != "data" or not name:
+        return ""
+    kinds = [schema.kind for schema in SCHEMAS.values() if dataclasses.is_dataclass(schema)
+             and hasattr(schema, "kind") and name in {f.name for f in dataclasses.fields(schema)}]
+    return f" (only data={' / data='.join(kinds)} take{'s' if len(kinds) == 1 else ''} it)" if kinds else ""
 
 
 def _moved_keys(args: list[str]) -> list[str]:
@@ -121,23 +135,68 @@ def _bench(cfg: DictConfig) -> None:
     print(format_row(row))
 
 
+DATA_USAGE = """usage: rtl data [OVERRIDES]
+
+The split that rtl train with the same overrides would train on: the split rule, then images and class
+balance per split, read from the tables alone (no image is decoded, nothing is written). Exit 2, with one
+message, on any problem a run would meet. Sweep values (data.fraction=0.05,0.1) and the sweep of an
+experiment (+experiment=fig3) are expanded over the keys that change the data (data.*, train.seed), and each
+distinct split is shown once, e.g.
+    rtl data data=csv data.csv=/data/covid/images.csv data.cutoff_date=2020-06-30
+    rtl data +experiment=fig3 data.csv=/data/covid/images.csv data.date_column=study_date"""
+
+
 def _data(overrides: list[str]) -> None:
-    """``rtl data [overrides]``: the split a run with these settings would train on (split rule, images and
-    class balance per split), from the tables alone; no image is decoded and nothing is written. The
-    figure targets call it before their sweeps, so that a data problem stops them before any training."""
+    """``rtl data [overrides]`` (DATA_USAGE). The figure targets call it before their sweeps, with the
+    sweeps' own data overrides, so that a data problem stops them before any training."""
+    import itertools
+
     from hydra import compose, initialize_config_module
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
 
     from .config import validate
     from .data import UnusableSplit, plan
+    from .report import sweep_values
 
+    if any(a in ("-h", "--help") for a in overrides):
+        print(DATA_USAGE)
+        return
+    args = [a for a in overrides if a not in ("-m", "--multirun")]  # a sweep's command line works as it is
+    flags = [a for a in args if a.startswith("-")]
+    if flags:
+        raise UserError(f"rtl data takes key=value overrides, not {flags[0]} (rtl data --help)")
+    parsed = OverridesParser.create().parse_overrides(args)
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    sweeps = {o.get_key_element(): list(o.sweep_string_iterator()) for o in parsed if o.is_sweep_override()}
     with initialize_config_module(config_module="rethink_tl.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    validate(cfg)
-    try:
-        print(plan(cfg.data, train_seed=int(cfg.train.seed), check=True))
-    except UnusableSplit as err:
-        print(err.text)
-        raise
+        first = [f"{k}={v[0]}" for k, v in sweeps.items()]
+        base = compose(config_name="config", overrides=fixed + first, return_hydra_config=True)
+        given = {o.get_key_element() for o in parsed}
+        for key, value in (OmegaConf.select(base, "hydra.sweeper.params") or {}).items():
+            if key not in given:  # the experiment's sweep, unless the command line sets that key
+                sweeps[key] = sweep_values(key, value)
+        # Only data keys and the training seed (data.subset=per_seed) change the split; the rest keep one value.
+        data_keys = [k for k in sweeps if k == "train.seed" or k == "data" or k.startswith("data.")]
+        others = [f"{k}={v[0]}" for k, v in sweeps.items() if k not in data_keys]
+        shown: dict[str, list[str]] = {}
+        for combo in itertools.product(*(sweeps[k] for k in data_keys)):
+            chosen = [f"{k}={v}" for k, v in zip(data_keys, combo)]
+            cfg = compose(config_name="config", overrides=fixed + others + chosen)
+            where = f" ({' '.join(chosen)})" if chosen else ""
+            try:
+                validate(cfg)
+                text = plan(cfg.data, train_seed=int(cfg.train.seed), check=True)
+            except UnusableSplit as err:
+                print(err.text)
+                raise UserError(f"{err}{where}") from None
+            except UserError as err:
+                raise UserError(f"{err}{where}") from None
+            shown.setdefault(text, []).append(" ".join(chosen))
+    for text, combos in shown.items():
+        if len(shown) > 1 or len(combos) > 1:
+            print(f"[{'; '.join(combos)}]")
+        print(text)
 
 
 def _report(argv: list[str]) -> None:
@@ -156,7 +215,7 @@ def _report(argv: list[str]) -> None:
                         "auroc, auprc (average precision) and auprc_trapz (trapezoid PR area, as the paper's authors' "
                         "code computes it); default auroc,auprc. summary.csv always has every recorded metric")
     args = parser.parse_args(argv)
-    metrics = tuple(m.strip() for m in args.metric.split(",") if m.strip())
+    metrics = tuple(m.strip() for m in args.metric.split(","))
     try:
         done = report(args.dir, figure=args.figure, out=args.out, note=args.note, metrics=metrics)
     except UserError as err:
@@ -168,6 +227,15 @@ def _report(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        _main(argv)
+    except BrokenPipeError:
+        # The reader of our output went away (rtl report DIR | head): nothing to report, no traceback at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+
+
+def _main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
@@ -197,6 +265,8 @@ def main(argv: list[str] | None = None) -> None:
             # Hydra could not open its log file in the output folder (a read-only file system).
             _fail(f"cannot write the log file of this run: {err.__cause__ or err}; choose a writable output "
                   "folder with hydra.run.dir=... (or hydra.sweep.dir=... for -m)")
+        except BrokenPipeError:
+            raise
         except OSError as err:
             where = f" {err.filename}" if err.filename else ""
             _fail(f"cannot write{where}: {err.strerror or err}; choose a writable output folder with "
@@ -211,6 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "report":
         try:
             _report(rest)
+        except BrokenPipeError:
+            raise
         except OSError as err:
             where = f" {err.filename}" if err.filename else ""
             _fail(f"cannot write{where}: {err.strerror or err}; choose a writable folder with --out")

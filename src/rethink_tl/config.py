@@ -397,6 +397,9 @@ def validate(cfg: DictConfig) -> None:
     if "runtime" in cfg and not _DEVICE.match(str(cfg.runtime.device)):
         raise UserError(f"runtime.device={cfg.runtime.device} is not a device: use auto, cpu, cuda or cuda:N")
     if "data" in cfg:
+        if cfg.data.get("cutoff_date") is not None and not str(cfg.data.cutoff_date).strip():
+            raise UserError("data.cutoff_date is empty: give YYYY-MM-DD for the prospective split, or null (leave it "
+                            "out) for a random split")
         if cfg.data.get("cutoff_date"):
             from datetime import date
 

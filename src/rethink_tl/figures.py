@@ -95,6 +95,7 @@ def subtitle(summary: pd.DataFrame, note: str = "", width: int = 110, spread_not
 def finish(fig: Figure, title: str, summary: pd.DataFrame, note: str = "", spread_note: str = "") -> Figure:
     # About 12 characters of an 11 pt title per inch of figure: wrap so no line runs off the page.
     width = max(60, int(fig.get_figwidth() * 12))
+    title = "\n".join(textwrap.wrap(title, width))
     fig.suptitle(f"{title}\n{subtitle(summary, note, width, spread_note)}", fontsize=11)
     return fig
 
@@ -194,7 +195,7 @@ def tl_vs_ri(summary: pd.DataFrame, models: list[str] | None, note: str, metrics
     fractions = sorted(summary["fraction"].unique())
     models = ordered(summary["model"], models)
     inits = _inits(summary)
-    width = 1.0 + len(fractions) * (1.5 + 0.55 * len(models))
+    width = max(6.5, 1.0 + len(fractions) * (1.5 + 0.55 * len(models)))
     fig, axes = plt.subplots(len(metrics), len(fractions), figsize=(width, 1.0 + 3.5 * len(metrics)), squeeze=False, sharey="row",
                              layout="constrained")
     for i, (metric, name) in enumerate(_named(metrics)):
@@ -287,7 +288,9 @@ def fig5(summary: pd.DataFrame, models: list[str] | None = None, note: str = "",
                   f"test {name} relative to DenseNet121 TL (macro {ref[f'{col(metric)}_mean']:.3f})")
         ax.axhline(0.0, color="black", linewidth=0.8)
     legend_below(fig, axes[0, 0], "TL model")
-    return finish(fig, f"Truncated DenseNets and CBR-Small vs DenseNet121, all TL, {fraction_title(fraction)}",
+    absent = [pretty(m) for m in (models or []) if m != REFERENCE and m not in rivals.index]
+    note = "; ".join(x for x in (f"no finished runs of {', '.join(absent)}" if absent else "", note) if x)
+    return finish(fig, f"{', '.join(legend)} vs DenseNet121, all TL, {fraction_title(fraction)}",
                   summary, note, spread_note="bars: 100 (mean / mean of DenseNet121 - 1); error bars: delta-method sd "
                   "of that ratio")
 

@@ -49,7 +49,9 @@ LEGACY_KEYS = {"epochs": "train.epochs", "image_size": "data.image_size", "lr": 
                "batch_size": "train.batch_size"}
 # The axes a table or figure shows anyway: their differences need no settings label between cells
 # (n_train of old runs follows from the fraction).
-AXES = ("model.", "init.", "data.fraction", "data.name", "train.seed", "n_train")
+# The weights file follows from model and init (random for RI, the architecture's file for TL), so it
+# differs across a table's rows as they do; within one cell it is still compared.
+AXES = ("model.", "init.", "data.fraction", "data.name", "train.seed", "n_train", "weights")
 
 
 @dataclass
@@ -168,14 +170,24 @@ def setting_labels(summary: pd.DataFrame, group_settings: list[dict]) -> list[st
     return labels
 
 
+def _mean(values: pd.Series) -> float:
+    return values.mean(skipna=False)
+
+
+def _std(values: pd.Series) -> float:
+    return values.std(skipna=False)
+
+
 def summarise(runs: pd.DataFrame, settings: dict[str, dict | None] | None = None) -> pd.DataFrame:
     """Mean, sample sd (ddof=1; NaN for one seed) and n over the seeds of each setting, for every metric
     column (macro and per label). ``runs`` holds one run per seed of a setting (drop_duplicate_seeds)."""
     runs = runs.assign(_key=_group_key(runs))
     metric_cols = [c for c in runs.columns if is_metric(str(c))]
     grouped = runs.groupby([*GROUP, "_key", *_provenance(runs)], sort=True, dropna=False)
-    out = grouped[metric_cols].agg(["mean", "std"])
-    out.columns = [f"{col}_{stat}" for col, stat in out.columns]
+    # A seed without a value (a run made before the metric was recorded, an undefined metric) makes the
+    # setting's value undefined too, rather than a mean over fewer seeds than n says (report names such runs).
+    out = grouped[metric_cols].agg([_mean, _std])
+    out.columns = [f"{col}_{stat.strip('_')}" for col, stat in out.columns]
     out.insert(0, "n", grouped.size())
     out.insert(1, "seeds", grouped["seed"].agg(lambda s: " ".join(str(int(v)) for v in sorted(s))))
     out.insert(2, "params", grouped["params"].first())
@@ -267,7 +279,7 @@ def experiments() -> list[str]:
                   if p.name.endswith(".yaml"))
 
 
-def _sweep_values(key: str, value) -> list[str]:
+def sweep_values(key: str, value) -> list[str]:
     """The values of one sweeper param as Hydra's sweeper would expand them (lists, ranges, choice)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -294,9 +306,9 @@ def design(figure: str) -> Design:
     missing = [k for k in ("model", "init", "data.fraction") if k not in params]
     if missing:
         raise RuntimeError(f"{path} names no sweep values for {', '.join(missing)} under hydra.sweeper.params")
-    return Design(figure, [_model_tag(m) for m in _sweep_values("model", params["model"])],
-                  _sweep_values("init", params["init"]),
-                  [float(f) for f in _sweep_values("data.fraction", params["data.fraction"])])
+    return Design(figure, [_model_tag(m) for m in sweep_values("model", params["model"])],
+                  sweep_values("init", params["init"]),
+                  [float(f) for f in sweep_values("data.fraction", params["data.fraction"])])
 
 
 def _which_figure(runs: pd.DataFrame) -> tuple[str | None, str]:
@@ -347,12 +359,17 @@ def report(root: str | Path, figure: str | None = None, out: str | Path | None =
     and the rows of panels of the figure (summary.csv has every metric the runs recorded)."""
     metrics = tuple(metrics)
     unknown = [m for m in metrics if m not in METRIC_NAMES]
-    if unknown or not metrics:
-        raise UserError(f"--metric {','.join(unknown) or '(none)'}: choose from {', '.join(METRIC_NAMES)} "
-                        "(comma-separated)")
+    if unknown or not metrics or len(set(metrics)) != len(metrics):
+        what = ("an empty item" if "" in unknown else f"{','.join(repr(m) for m in unknown)} unknown" if unknown else
+                "nothing chosen" if not metrics else "a metric named twice")
+        raise UserError(f"--metric {','.join(metrics)}: {what}; choose one or more of {', '.join(METRIC_NAMES)}, "
+                        "comma-separated")
     root = Path(root)
     out = Path(out) if out is not None else root
     if figure == "fig2":
+        if metrics != DEFAULT_METRICS:
+            raise UserError("--metric does not apply to fig2: the toy example shows AUROC and average precision, "
+                            "as the paper's Fig. 2")
         return _toy(out, note)
 
     found = gather(root)
@@ -390,6 +407,7 @@ def report(root: str | Path, figure: str | None = None, out: str | Path | None =
                             f"point rtl report at {root}/<dataset>")
 
     runs, duplicates = drop_duplicate_seeds(runs)
+    lacking = lacking_metric(runs, metrics)
     summary = summarise(runs, found.settings)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(summary, out / "summary.csv")
@@ -410,6 +428,13 @@ def report(root: str | Path, figure: str | None = None, out: str | Path | None =
         shown = ", ".join(_rel(b.path, root) for b in broken[:SHOW]) + (", ..." if len(broken) > SHOW else "")
         problems.append(f"{len(broken)} run director{'y' if len(broken) == 1 else 'ies'} below {root} left out of "
                         f"the report as broken (named above and in summary.md): {shown}")
+    if lacking:
+        head = f"WARNING: {len(lacking)} finished run(s) have no test {'/'.join(metrics)} (shown as -): "
+        notes.append((head, lacking))
+        problems.append(f"{len(lacking)} finished run(s) below {root} have no test {' or '.join(metrics)}, so their "
+                        f"settings show no value (named in summary.md): {', '.join(lacking[:3])}"
+                        + (", ..." if len(lacking) > 3 else "") + "; runs made before rtl recorded auprc_trapz lack it: "
+                        "run them again with runtime.force=true, or choose another --metric")
     if failed:
         notes.append((f"{len(failed)} failed (error.txt): ", [f"{_rel(u.path, root)}: {u.error}" for u in failed]))
     if duplicates:
@@ -424,10 +449,16 @@ def report(root: str | Path, figure: str | None = None, out: str | Path | None =
         absent = [f"{m}/{i}/f{f:g}" for m, i, f in plan.cells() if (m, i, round(f, 6)) not in have]
         notes.append((f"{figure} design: {len(plan.cells())} settings, {len(plan.cells()) - len(absent)} "
                       f"with finished runs" + ("; none yet for " if absent else ""), absent))
+        if lacking:  # bars over fewer seeds than the subtitle states would misreport: named above instead
+            notes.append((f"WARNING: {figure} not drawn: settings without a value for every seed", []))
         fig_note = "; ".join(x for x in (note, f"bars differ in {', '.join(varying)}" if varying else "") if x)
         try:
+            if lacking:
+                raise SkipFigure
             paths = draw_figure(figure, summary, out, plan.models, fig_note, metrics)
             notes.append(("figure: " + ", ".join(str(p) for p in paths), []))
+        except SkipFigure:
+            pass
         except UserError as err:
             notes.append((f"WARNING: {figure} not drawn: {err}", []))
             problems.append(f"{figure} not drawn (the tables are written): {err}")
@@ -439,6 +470,21 @@ def report(root: str | Path, figure: str | None = None, out: str | Path | None =
     write_bytes(out / "summary.md", ("\n".join(tables) + "\n\n"
                                      + "\n\n".join(h + ", ".join(items) for h, items in notes) + "\n").encode())
     return Report("\n".join(tables) + "\n\n" + "\n".join(h + short(items) for h, items in notes), problems)
+
+
+class SkipFigure(Exception):
+    """The figure is not drawn for a reason already noted."""
+
+
+def lacking_metric(runs: pd.DataFrame, metrics: tuple[str, ...]) -> list[str]:
+    """``run_dir (no test_<m>)`` for every run without a macro test value of a chosen metric: made before
+    the metric was recorded (auprc_trapz), or undefined (a test split with one class for every label)."""
+    out = []
+    for _, r in runs.iterrows():
+        missing = [m for m in metrics if pd.isna(r.get(f"test_{m}", np.nan))]
+        if missing:
+            out.append(f"{r.run_dir} (no test_{', test_'.join(missing)})")
+    return out
 
 
 def draw_figure(figure: str, summary: pd.DataFrame, out: Path, models: list[str], note: str,

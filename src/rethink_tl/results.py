@@ -35,7 +35,7 @@ CELL = ["dataset", "model", "init", "fraction"]
 IDENTITY = [*GROUP, "seed", "setting_id"]
 SPLITS = ("val", "test")
 # auprc_trapz is a metric of its own (the trapezoid PR area), never a label "trapz" of auprc: label names
-# that would make such columns ambiguous are refused when a run starts (train.check_label_names).
+# that would make such columns ambiguous are refused before a run starts (data.base.check_label_names).
 METRICS = ("auroc", "auprc", "auprc_trapz")
 HEADLINE = ["test_auroc", "test_auprc", "val_auroc", "val_auprc"]
 # Runs written before identity.json existed have no setting_id; these columns stand in for it, so that

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from . import __version__, atomic_io
 from .config import differences, identity, setting_id, validate
 from .data import DataBundle, build_data, dataset_labels
-from .data.base import check_learnable
+from .data.base import check_label_names, check_learnable
 from .engine import (Batcher, EpochProgress, Precision, configure_device, device_name, evaluate, make_batchers,
                      make_optimizer, masked_bce, maybe_compile, move_to_device, resolve_precision, restore_rng,
                      rng_state, seed_everything, train_one_epoch)
@@ -142,18 +142,9 @@ class Setup:
     n_params: int
 
 
-def check_label_names(labels: list[str]) -> None:
-    """Per-label result columns are ``<split>_<metric>_<label>``: a label named ``trapz...`` would read as
-    the metric auprc_trapz, so such a name is refused before anything runs."""
-    for label in labels:
-        if str(label) == "trapz" or str(label).startswith("trapz_"):
-            raise UserError(f"label {label!r}: names 'trapz' and 'trapz_*' are taken by the metric auprc_trapz in "
-                            "results.csv; rename that column of your CSV")
-
-
 def check_labels(data: DataBundle) -> None:
-    """Every label needs positives and negatives in train (to learn it) and in val (to select the epoch)."""
-    for name in ("train", "val"):
+    """Every label needs positives and negatives in train, val and test (data.base.check_learnable)."""
+    for name in ("train", "val", "test"):
         split = data.splits()[name]
         check_learnable(data.label_names, split.labels.numpy(), split.mask.numpy(), name, data.name)
 

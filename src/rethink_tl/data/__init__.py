@@ -18,7 +18,7 @@ from typing import Callable, Mapping, NamedTuple
 import numpy as np
 
 from ..errors import UserError
-from .base import SPLIT_NAMES, DataBundle, Split, SplitPlan, check_learnable
+from .base import SPLIT_NAMES, DataBundle, Split, SplitPlan, check_label_names, check_learnable
 from .splits import stratified_index, subset_seed
 
 
@@ -97,6 +97,8 @@ def plan(cfg: Mapping, *, train_seed: int = 0, check: bool = False) -> str:
     column, a bad label or date, an empty split or a training subset without positives. With ``check``, also
     a label without positives or negatives in train or val (UnusableSplit, which carries the text)."""
     p = _lookup(cfg).plan(cfg)
+    if check:
+        check_label_names(p.label_names)
     rows = dict(p.parts)
     _check_sizes(p.name, {k: len(v) for k, v in rows.items()})
     train = rows["train"]
@@ -112,7 +114,7 @@ def plan(cfg: Mapping, *, train_seed: int = 0, check: bool = False) -> str:
         lines.append(f"  {name}: {len(rows[name])} images{note}; balance {p.balance(name, rows[name])}")
     text = "\n".join(lines)
     if check:
-        for name in ("train", "val"):  # what rtl train checks before epoch 1
+        for name in SPLIT_NAMES:  # what rtl train checks before epoch 1
             try:
                 check_learnable(p.label_names, p.labels[rows[name]], p.mask[rows[name]], name, p.name)
             except UserError as err:

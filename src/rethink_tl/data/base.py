@@ -11,20 +11,32 @@ import numpy as np
 import torch
 
 SPLIT_NAMES = ("train", "val", "test")
+WHY = {"train": "learned", "val": "used to pick the best epoch", "test": "scored"}
 
 
 def balance(label_names: Sequence[str], labels: np.ndarray, mask: np.ndarray) -> str:
     """``"covid 1:16.30; opacity 1:3.00"``: per label, negatives per positive among the counted cells
-    (a masked, i.e. ignored uncertain, cell is neither); ``1:inf`` for a label without positives."""
+    (a masked, i.e. ignored uncertain, cell is neither); ``no positive`` for a label without any."""
     pos = ((labels > 0.5) & mask).sum(0)
     neg = mask.sum(0) - pos
-    return "; ".join(f"{lab} 1:{n / p:.2f}" if p else f"{lab} 1:inf" for lab, p, n in zip(label_names, pos, neg))
+    return "; ".join(f"{lab} 1:{n / p:.2f}" if p else f"{lab} no positive" for lab, p, n in zip(label_names, pos, neg))
+
+
+def check_label_names(labels: Sequence[str]) -> None:
+    """Per-label result columns are ``<split>_<metric>_<label>``: a label named ``trapz`` or ``trapz_...``
+    would read as the metric auprc_trapz, so such a name is refused (by ``rtl data`` and ``rtl train``)."""
+    from ..errors import UserError
+
+    for label in labels:
+        if str(label) == "trapz" or str(label).startswith("trapz_"):
+            raise UserError(f"label {label!r}: the names 'trapz' and 'trapz_...' are taken by the metric auprc_trapz "
+                            "in results.csv; rename that column of your CSV (or leave it out with data.labels=[...])")
 
 
 def check_learnable(label_names: Sequence[str], labels: np.ndarray, mask: np.ndarray, split: str,
                     dataset: str) -> None:
-    """Every label needs positives and negatives in train (to learn it) and in val (to select the epoch):
-    ``rtl train`` checks this before epoch 1, ``rtl data`` before any run."""
+    """Every label needs positives and negatives in train (to learn it), in val (to select the epoch) and in
+    test (to be scored): ``rtl train`` checks this before epoch 1, ``rtl data`` before any run."""
     from ..errors import UserError
 
     pos = ((labels > 0.5) & mask).sum(0)
@@ -32,7 +44,7 @@ def check_learnable(label_names: Sequence[str], labels: np.ndarray, mask: np.nda
     for label, p, n in zip(label_names, pos, counted):
         if p == 0 or p == n:
             raise UserError(f"label {label!r} has {int(p)} positive(s) and {int(n - p)} negative(s) in the "
-                            f"{split} split of {dataset}: it can be neither learned nor scored; drop it "
+                            f"{split} split of {dataset}: it cannot be {WHY[split]}; drop it "
                             "(data.labels=[...]), use more data (data.fraction, data.num_samples) or another split")
 
 

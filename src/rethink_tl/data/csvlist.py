@@ -116,10 +116,13 @@ def csv_plan(cfg: Mapping) -> SplitPlan:
             cut = pd.Timestamp(str(cutoff))
         except ValueError:
             raise UserError(f"data.cutoff_date={cutoff} is not a date (use YYYY-MM-DD)") from None
-        dates = pd.to_datetime(df[date_col].str.strip(), errors="coerce", format="mixed")
+        # ISO 8601 only (2020-06-30, optionally with a time): 03/07/2020 is March 7th in one hospital's export
+        # and July 3rd in another's, and guessing per row would move images across the cutoff silently.
+        dates = pd.to_datetime(df[date_col].str.strip(), errors="coerce", format="ISO8601")
         bad = np.flatnonzero(dates.isna().to_numpy())
         if len(bad):
-            raise UserError(f"{path}: {len(bad)} rows have no readable {date_col!r}: {_rows(df, bad, date_col)}")
+            raise UserError(f"{path}: {len(bad)} rows have no readable {date_col!r} (dates must be YYYY-MM-DD, "
+                            f"ISO 8601: day/month orders are ambiguous): {_rows(df, bad, date_col)}")
         parts = prospective_split(dates, cut, groups, val_share, seed)
         both = set(patients[parts["test"]]) & set(patients[np.concatenate([parts["train"], parts["val"]])])
         if patient_col and both:
