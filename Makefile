@@ -146,7 +146,7 @@ need = $(if $(filter full,$(PROFILE)),@test -n "$($(1))" || { echo "make $@: set
 # $(call check_data,DATA ARGS,HINT): read the tables and compute the split of every data fraction and seed of
 # the figure's sweep (its experiment and SWEEP_ARGS), no image decoded, before any run: a CSV without its date
 # column (or any other data problem) stops here, not in every run of the sweep
-check_data = $(if $(filter full,$(PROFILE)),@$(RTL) data +experiment=$@ $(1) $(SWEEP_ARGS) || { echo "make $@: fix the data settings above $(2)" >&2; exit 2; })
+check_data = $(if $(filter full,$(PROFILE)),@$(RTL) data +experiment=$@ $(1) $(SWEEP_ARGS) || { echo "make $@: fix the data settings above $(strip $(2))" >&2; exit 2; })
 # $(call need_cutoff): an empty COVID_CUTOFF would silently mean a random split
 need_cutoff = $(if $(filter full,$(PROFILE)),@test -n "$(strip $(COVID_CUTOFF))" || { echo "make $@: COVID_CUTOFF is empty: give the prospective split's date (YYYY-MM-DD; the paper's is 2020-06-30, the default) or none for a random split by patient" >&2; exit 2; })
 COVID_HINT := $(if $(filter none None NONE,$(COVID_CUTOFF)),(COVID_CUTOFF=none: random split by patient),\

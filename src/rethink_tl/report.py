@@ -451,7 +451,7 @@ def report(root: str | Path, figure: str | None = None, out: str | Path | None =
                       f"with finished runs" + ("; none yet for " if absent else ""), absent))
         if lacking:  # bars over fewer seeds than the subtitle states would misreport: named above instead
             notes.append((f"WARNING: {figure} not drawn: settings without a value for every seed", []))
-        fig_note = "; ".join(x for x in (note, f"bars differ in {', '.join(varying)}" if varying else "") if x)
+        fig_note = "; ".join(x for x in (note.rstrip(". "), f"bars differ in {', '.join(varying)}" if varying else "") if x)
         try:
             if lacking:
                 raise SkipFigure
