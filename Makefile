@@ -21,7 +21,7 @@ help:
 	@echo "make clean   remove run outputs (keeps $(VENV))"
 	@echo "make fig2    toy ROC/PR curves of classifiers A and B (paper Fig. 2), no training"
 	@echo "make fig3 ... fig7 [COVID_CSV=... CHEXPERT_ROOT=... CBR_WEIGHTS=...]   sweep + report of one paper figure"
-	@echo "make figures PROFILE=smoke   every figure end to end on synthetic data, offline (2-core CPU: about 8 min)"
+	@echo "make figures PROFILE=smoke   every figure end to end on synthetic data, offline (2-core CPU: about 12 min)"
 	@echo "make claims  claims 2 and 3 in miniature: EfficientNet-Lite0 RI vs TL, whole vs truncated, 3 seeds (CPU)"
 
 $(STAMP): pyproject.toml
