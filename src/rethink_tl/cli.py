@@ -176,8 +176,10 @@ def _data(overrides: list[str]) -> None:
         for key, value in (OmegaConf.select(base, "hydra.sweeper.params") or {}).items():
             if key not in given:  # the experiment's sweep, unless the command line sets that key
                 sweeps[key] = sweep_values(key, value)
-        # Only data keys and the training seed (data.subset=per_seed) change the split; the rest keep one value.
-        data_keys = [k for k in sweeps if k == "train.seed" or k == "data" or k.startswith("data.")]
+        # Only data keys change the split, and the training seed with data.subset=per_seed; the rest keep one
+        # value (each combination reads the tables again: a CheXpert train.csv is 223k rows).
+        per_seed = str(base.data.subset) == "per_seed" or any(v == "per_seed" for v in sweeps.get("data.subset", []))
+        data_keys = [k for k in sweeps if (k == "train.seed" and per_seed) or k == "data" or k.startswith("data.")]
         others = [f"{k}={v[0]}" for k, v in sweeps.items() if k not in data_keys]
         shown: dict[str, list[str]] = {}
         for combo in itertools.product(*(sweeps[k] for k in data_keys)):

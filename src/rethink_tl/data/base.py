@@ -132,6 +132,16 @@ class SplitPlan:
     anchor: Optional[str] = None
     cache_label: str = ""
 
+    @classmethod
+    def stacked(cls, name: str, label_names: list[str], labels: Sequence[np.ndarray], ids: list[str],
+                split_rule: str) -> "SplitPlan":
+        """A plan of fixed splits given one after the other (train, val, test labels), every cell counted."""
+        ends = np.cumsum([0] + [len(y) for y in labels])
+        y = np.concatenate(labels)
+        return cls(name=name, label_names=label_names, labels=y, mask=np.ones(y.shape, dtype=bool), ids=ids,
+                   parts={s: np.arange(ends[k], ends[k + 1]) for k, s in enumerate(SPLIT_NAMES)},
+                   split_rule=split_rule)
+
     def balance(self, split: str, rows: Optional[np.ndarray] = None) -> str:
         rows = self.parts[split] if rows is None else rows
         return balance(self.label_names, self.labels[rows], self.mask[rows])

@@ -203,11 +203,7 @@ def medmnist_plan(cfg: Mapping) -> SplitPlan:
         for split in SPLITS:
             ys.append(_targets(z[f"{split}_labels"], task, len(names), f"{path.name} {split}"))
             ids += [f"{flag}/{split}/{i}" for i in range(len(ys[-1]))]
-    ends = np.cumsum([0] + [len(y) for y in ys])
-    labels = np.concatenate(ys)
-    return SplitPlan(name=str(cfg.name), label_names=names, labels=labels, mask=np.ones(labels.shape, dtype=bool),
-                     ids=ids, parts={s: np.arange(ends[k], ends[k + 1]) for k, s in enumerate(SPLITS)},
-                     split_rule=SPLIT_RULE)
+    return SplitPlan.stacked(str(cfg.name), names, ys, ids, SPLIT_RULE)
 
 
 @register_dataset("medmnist", labels=medmnist_labels, plan=medmnist_plan)

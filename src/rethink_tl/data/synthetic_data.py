@@ -48,11 +48,7 @@ def synthetic_plan(cfg: Mapping) -> SplitPlan:
     for split, count, seed, prev in _streams(cfg):
         ys.append(generate_labels(count, seed=seed, prevalence=prev, labels=labels))
         ids += [f"{split}-{i:06d}" for i in range(count)]
-    ends = np.cumsum([0] + [len(y) for y in ys])
-    y = np.concatenate(ys)
-    return SplitPlan(name="synthetic", label_names=labels, labels=y, mask=np.ones(y.shape, dtype=bool), ids=ids,
-                     parts={s: np.arange(ends[k], ends[k + 1]) for k, s in enumerate(SPLIT_NAMES)},
-                     split_rule=_split_rule(cfg))
+    return SplitPlan.stacked("synthetic", labels, ys, ids, _split_rule(cfg))
 
 
 @register_dataset("synthetic", labels=synthetic_labels, plan=synthetic_plan)
