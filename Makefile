@@ -23,6 +23,7 @@ help:
 	@echo "make fig3 ... fig7 [COVID_CSV=... CHEXPERT_ROOT=... CBR_WEIGHTS=...]   sweep + report of one paper figure"
 	@echo "make figures PROFILE=smoke   every figure end to end on synthetic data, offline (2-core CPU: about 12 min)"
 	@echo "make claims  claims 2 and 3 in miniature: EfficientNet-Lite0 RI vs TL, whole vs truncated, 3 seeds (CPU)"
+	@echo "make pretrain-cbr IMAGENET=DIR   ImageNet pretraining of the four CBR nets, installed for init=pretrained"
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -40,7 +41,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 clean:
-	rm -rf runs multirun outputs demo_runs bench_runs claims
+	rm -rf runs multirun outputs demo_runs bench_runs claims pretrain_runs pretrain_multirun
 
 # The paper's claims 2 (TL beats RI with little data) and 3 (a truncated network matches or beats the
 # whole one) in miniature, offline: real ImageNet weights (EfficientNet-Lite0), 5 % of the synthetic
@@ -75,9 +76,10 @@ COVID_CSV     ?=
 COVID_NAME    ?= covid
 COVID_CUTOFF  ?= 2020-06-30
 CHEXPERT_ROOT ?=
-# CBR nets have no public ImageNet weights: CBR_WEIGHTS is a folder of <model>.pth (cbr_large_t.pth,
-# cbr_large_w.pth, cbr_small.pth, cbr_tiny.pth), e.g. your own ImageNet pretraining. Without it the
-# CBR TL runs are skipped and the figures show CBR RI only.
+# CBR nets have no public ImageNet weights: `make pretrain-cbr IMAGENET=DIR` makes and installs them, and
+# the figure targets then find them. CBR_WEIGHTS=DIR, a folder of <model>.pth (cbr_large_t.pth,
+# cbr_large_w.pth, cbr_small.pth, cbr_tiny.pth), overrides that. A CBR net with neither has its TL runs
+# skipped (with a note), and the figures show its RI bars only.
 CBR_WEIGHTS   ?=
 # Models per sweep: CBR nets apart from deep nets, because their TL runs read other weights.
 CBR_MODELS ?= cbr_large_t,cbr_large_w,cbr_small,cbr_tiny
@@ -136,9 +138,12 @@ endif
 # $(call sweep,EXPERIMENT,DATA ARGS,MODELS,INIT[,EXTRA ARGS])
 sweep = $(RTL) train -m +experiment=$(1) $(2) model=$(3) init=$(4) $(5) $(PROFILE_ARGS) \
         hydra.sweep.dir=$(RUNS) $(LAUNCHER) $(SWEEP_ARGS)
-# $(call cbr_tl,EXPERIMENT,DATA ARGS[,MODELS]): the CBR TL sweep, or a note that it is skipped
+# $(call cbr_tl,EXPERIMENT,DATA ARGS[,MODELS]): the CBR TL sweep. With CBR_WEIGHTS, from that folder; else
+# from the weights rtl pretrain installed (make pretrain-cbr), for the models that have them: `rtl weights
+# check` prints those and names the others, whose TL runs are skipped.
 cbr_tl = $(if $(CBR_TL),$(call sweep,$(1),$(2),$(or $(3),$(CBR_MODELS)),pretrained,$(CBR_TL)),\
-         @echo "$(1): CBR TL runs skipped: set CBR_WEIGHTS=DIR holding $(or $(3),cbr_large_t ... cbr_tiny).pth")
+         @have=$$($(RTL) weights check $(or $(3),$(CBR_MODELS))) || exit 2; \
+         if [ -n "$$have" ]; then $(call sweep,$(1),$(2),$$have,pretrained); fi)
 # $(call report,EXPERIMENT,RUN DIR)
 report = $(RTL) report $(2) --figure $(1) --out $(FIG_DIR)/$(1) $(if $(NOTE),--note '$(NOTE)')
 # $(call need,VARIABLE): stop with a message when PROFILE=full lacks a data path
@@ -153,7 +158,18 @@ COVID_HINT := $(if $(filter none None NONE,$(COVID_CUTOFF)),(COVID_CUTOFF=none: 
               (COVID_CUTOFF=$(COVID_CUTOFF): the prospective split needs a date per image; for a CSV without dates, \
               COVID_CUTOFF=none splits at random by patient instead))
 
-.PHONY: figures fig2 fig3 fig4 fig5 fig6 fig7 clean-smoke
+# ---- Pretraining the CBR nets (the paper's TL arm for them) ---------------------------------------------
+# One `rtl pretrain` per CBR net on an ImageFolder copy of ImageNet (train/<class>/, val/<class>/), each
+# installed where init=pretrained finds it. A sweep: LAUNCHER=hydra/launcher=slurm gives one SLURM job each
+# (add hydra.launcher.gpus_per_node=8 hydra.launcher.tasks_per_node=8 recipe.batch_size=32 for 8 GPUs per job).
+IMAGENET      ?=
+PRETRAIN_ARGS ?=
+pretrain-cbr: $(STAMP)
+	@test -n "$(IMAGENET)" || { echo "make $@: set IMAGENET=DIR, the ImageFolder copy of ImageNet (DIR/train/<class>/, DIR/val/<class>/)" >&2; exit 2; }
+	$(RTL) pretrain -m model=$(CBR_MODELS) data.root=$(abspath $(IMAGENET)) $(LAUNCHER) $(PRETRAIN_ARGS)
+	$(RTL) weights list
+
+.PHONY: figures fig2 fig3 fig4 fig5 fig6 fig7 clean-smoke pretrain-cbr
 .NOTPARALLEL:
 
 figures: fig2 fig3 fig4 fig5 fig6 fig7

@@ -15,6 +15,8 @@ Each check ends PASS or FAIL with its numbers, in one Markdown table at the end 
                      with finite losses.
   kill / resume      rtl train killed with SIGKILL as soon as epoch 1's last.pt exists, then run again: its
                      metrics.csv and test metrics equal an uninterrupted run's (cuDNN deterministic, no autotuning).
+  rtl pretrain       one epoch of rtl pretrain model=cbr_small (224 px, batch 64, AMP) on a generated ImageFolder of
+                     512 JPEGs of about 500x375, then rtl bench-pretrain on it with 8 workers: (p), (n), (m), loop.
 Exit status: 0 every check passed, 1 one failed, 2 no GPU.
 
 --cpu-dry-run runs the checks that need no GPU (train in bf16, kill / resume) on the CPU at toy sizes: it tests
@@ -246,6 +248,43 @@ def train_check(device: str, amp: str, sizes: Sizes, out: Path) -> Check:
     return Check(name, bool(finite and results.precision == amp), numbers)
 
 
+def pretrain_check(device: str, out: Path, dry: bool) -> Check:
+    """One epoch of rtl pretrain model=cbr_small on a generated ImageFolder, and rtl bench-pretrain on it."""
+    import json
+
+    import pandas as pd
+
+    from rethink_tl.data.folder_gen import make_imagefolder
+
+    name = "rtl pretrain cbr_small 1 epoch + bench-pretrain"
+    per_class = 8 if dry else 64
+    folder = make_imagefolder(out / "imagefolder", train_per_class=per_class, val_per_class=max(2, per_class // 8),
+                              sizes=((500, 375), (375, 500), (500, 333)))
+    size, batch = (121, 16) if dry else (224, 64)
+    run_dir = out / "pretrain"
+    common = ["model=cbr_small", f"data.root={folder}", f"data.image_size={size}",
+              f"data.val_resize={size * 8 // 7}", f"recipe.batch_size={batch}", f"runtime.device={device}",
+              "runtime.progress=false"]
+    t0 = time.perf_counter()
+    proc = rtl(["pretrain", *common, "recipe.epochs=1", "recipe.warmup_epochs=0", "runtime.install=false",
+                f"hydra.run.dir={run_dir}"])
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return Check(name, False, f"pretrain exit {proc.returncode}: {last_error(proc.stderr)}")
+    hist, meta = pd.read_csv(run_dir / "pretrain.csv"), json.loads((run_dir / "weights.json").read_text())
+    proc = rtl(["bench-pretrain", *common, "bench.batches=8", "bench.steps=20", "runtime.workers=8",
+                f"hydra.run.dir={out / 'bench_pretrain'}"])
+    if proc.returncode != 0:
+        return Check(name, False, f"bench-pretrain exit {proc.returncode}: {last_error(proc.stderr)}")
+    b = pd.read_csv(out / "bench_pretrain" / "bench_pretrain.csv").iloc[0]
+    row = hist.iloc[0]
+    numbers = (f"{meta['precision']} on {meta['device']}; {8 * per_class} images, loss {row.train_loss:.3f}, "
+               f"{row.img_per_s:.0f} img/s in the epoch, run {seconds:.0f} s; bench: p {b.p_img_s:.0f} "
+               f"({b.p_img_s_per_worker:.0f}/worker), n {b.n_img_s:.0f}, m {b.m_img_s:.0f}, loop {b.loop_img_s:.0f} "
+               f"img/s, p/n {b.p_over_n:.2f}, loop/min(p, m) {b.loop_over_min_p_m:.2f}")
+    return Check(name, bool(math.isfinite(row.train_loss) and meta["precision"] != "fp32" or dry), numbers)
+
+
 def compare_runs(a: Path, b: Path) -> tuple[bool, str]:
     """Whether two run folders hold the same metrics (the wall-clock column aside), and the largest difference."""
     import pandas as pd
@@ -346,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         runs += [(f"rtl train 2 epochs {amp}", lambda amp=amp: train_check(device, amp, sizes, out))
                  for amp in (("bf16", "fp16") if not args.cpu_dry_run else ("bf16",))]
         runs.append(("kill / resume", lambda: resume_check(device, sizes, out)))
+        runs.append(("rtl pretrain", lambda: pretrain_check(device, out, args.cpu_dry_run)))
         checks = []
         for name, run in runs:
             t0 = time.perf_counter()

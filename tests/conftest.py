@@ -10,6 +10,13 @@ from hydra import compose, initialize_config_module
 # Tests never reach the network: an empty torch/HF cache per session unless a test sets its own.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+@pytest.fixture(autouse=True)
+def own_weights_home(tmp_path_factory, monkeypatch):
+    """Weights installed by rtl pretrain go to a folder of each test's own (and its subprocesses'), never the
+    user's ~/.cache/rethink_tl/weights: an installed cbr_small would change what init=pretrained loads."""
+    monkeypatch.setenv("RTL_WEIGHTS", str(tmp_path_factory.mktemp("weights")))
+
 # Data and training settings small enough for a 2-core CPU; TINY adds a small model.
 TINY_DATA = [
     "data.image_size=32",

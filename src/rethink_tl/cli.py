@@ -6,6 +6,12 @@
     rtl report DIR               gather every run below DIR into DIR/summary.csv and summary.md
                                  (--figure figN, --metric auroc,auprc,auprc_trapz, --out DIR)
     rtl bench [OVERRIDES]        images/s of the bare model step, the rtl loop and a naive loop
+    rtl pretrain [OVERRIDES]     ImageNet-style pretraining on an ImageFolder tree, e.g.
+                                 rtl pretrain model=cbr_small data.root=/data/imagenet (torchrun for several GPUs);
+                                 installs the weights where init=pretrained finds them
+    rtl bench-pretrain [OVERRIDES]  images/s of the pretraining input pipeline, a plain torchvision loader,
+                                 the model step and the whole loop, on generated JPEGs or data.root
+    rtl weights list|install RUN_DIR [--replace]|remove MODEL|check MODELS   the weights rtl pretrain installed
 
 User errors print one line and exit 2; anything else is a bug and keeps its traceback.
 """
@@ -18,6 +24,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -91,14 +98,14 @@ def _moved_keys(args: list[str]) -> list[str]:
     return out
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def _train(cfg: DictConfig) -> float:
-    from .train import run
-
+def _job(run, cfg: DictConfig, what: str) -> Any:
+    """Run one job of ``rtl train`` / ``rtl pretrain`` (``run(cfg, out_dir)``). A signal ends it with 128 + N; a
+    user error ends a single run with one line, and in a sweep is noted in the run's error.txt, the sweep
+    going on and failing at the end."""
     hc = HydraConfig.get()
     out_dir = hc.runtime.output_dir
     try:
-        row = run(cfg, out_dir)
+        return run(cfg, out_dir)
     except Interrupted as err:
         print(f"rtl: {err}", file=sys.stderr)
         sys.exit(128 + err.signum)  # the shell convention for "ended by signal N"
@@ -106,12 +113,19 @@ def _train(cfg: DictConfig) -> float:
         if hc.mode != RunMode.MULTIRUN:
             _fail(str(err))
         # One bad setting must not cancel the rest of a long sweep: note it, go on, fail at the end.
-        logging.getLogger("rtl").error("run %s failed: %s", out_dir, err)
-        if not isinstance(err, NotYourRun):  # that folder holds another run: leave it as it is
+        logging.getLogger("rtl").error("%s %s failed: %s", what, out_dir, err)
+        if not isinstance(err, NotYourRun) and os.path.isdir(out_dir):  # that folder holds another run: leave it
             (Path(out_dir) / "error.txt").write_text(f"{err}\n")
         _SWEEP_FAILURES.append(f"{out_dir}: {str(err).splitlines()[0]}")
-        return float("nan")
-    return float(row["test_auprc"])
+        return None
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def _train(cfg: DictConfig) -> float:
+    from .train import run
+
+    row = _job(run, cfg, "run")
+    return float("nan") if row is None else float(row["test_auprc"])
 
 
 _SWEEP_FAILURES: list[str] = []
@@ -122,6 +136,73 @@ def _sweep_failed() -> None:
     shown = "\n  ".join(_SWEEP_FAILURES[:10]) + ("\n  ..." if n > 10 else "")
     _fail(f"{n} run(s) of the sweep failed (the others finished; each failed run's error.txt says why, except "
           f"where its folder holds another run):\n  {shown}")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="pretrain")
+def _pretrain(cfg: DictConfig) -> float:
+    from .config import process_rank
+    from .pretrain import run
+
+    if process_rank() != 0:  # one process speaks for a distributed run; the others only warn
+        logging.getLogger().setLevel(logging.WARNING)
+    meta = _job(run, cfg, "pretraining")
+    return float("nan") if meta is None else float(meta["val_top1"])
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="pretrain_bench")
+def _bench_pretrain(cfg: DictConfig) -> None:
+    from .bench import format_pipeline, run_pipeline_bench
+
+    try:
+        row = run_pipeline_bench(cfg, HydraConfig.get().runtime.output_dir)
+    except UserError as err:
+        _fail(str(err))
+    print(format_pipeline(row))
+
+
+def _weights(argv: list[str]) -> None:
+    from .weights import install, list_installed, remove_installed, weights_home
+
+    parser = argparse.ArgumentParser(prog="rtl weights", description="The weights rtl pretrain installed (in "
+                                     "$RTL_WEIGHTS, default ~/.cache/rethink_tl/weights), which init=pretrained uses.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser("list", help="one line per installed model")
+    add = sub.add_parser("install", help="install a finished pretraining (its folder)")
+    add.add_argument("run_dir")
+    add.add_argument("--replace", action="store_true", help="replace other weights installed for that model")
+    rm = sub.add_parser("remove", help="remove the weights installed for a model")
+    rm.add_argument("slot", metavar="MODEL")
+    check = sub.add_parser("check", help="print which of MODELS (comma-separated) have weights installed; "
+                           "a note on stderr names the others (the Makefile's figure targets use it)")
+    check.add_argument("models", metavar="MODELS")
+    args = parser.parse_args(argv)
+    if args.action == "check":
+        from .weights import installed
+
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        have = [m for m in models if installed(m) is not None]
+        missing = [m for m in models if m not in have]
+        if missing:
+            print(f"TL runs of {', '.join(missing)} skipped: no weights installed for them in {weights_home()}; "
+                  "make pretrain-cbr IMAGENET=DIR (or rtl pretrain model=NAME data.root=DIR) makes and installs "
+                  "them, or set CBR_WEIGHTS=DIR holding <model>.pth", file=sys.stderr)
+        print(",".join(have))
+    elif args.action == "install":
+        print(f"installed into {install(args.run_dir, replace=args.replace)}")
+    elif args.action == "remove":
+        print(f"removed {remove_installed(args.slot)}")
+    else:
+        rows = list_installed()
+        print(f"{weights_home()}: {len(rows)} installed")
+        for r in rows:
+            if r.get("damaged"):
+                print(f"  {r['slot']:<24} weights.json missing or damaged: rtl weights install RUN_DIR --replace")
+                continue
+            top5 = r.get("val_top5")
+            top5 = "-" if top5 is None or top5 != top5 else f"{top5:.4f}"
+            print(f"  {r['slot']:<24} {r['dataset']} ({r['num_classes']} classes, {r['image_size']} px), "
+                  f"{r['epochs']} epochs, val top-1 {r['val_top1']:.4f} top-5 {top5}, sha256 {r['sha256'][:12]}, "
+                  f"from {r['run_dir']}")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="bench")
@@ -246,12 +327,12 @@ def _main(argv: list[str] | None = None) -> None:
     # Metric warnings (single-class labels) matter, but once per message is enough.
     warnings.simplefilter("once")
     logging.captureWarnings(True)
-    if command in ("train", "bench"):
-        sys.argv = [f"rtl-{command}", *_moved_keys(rest)]  # Hydra reads its overrides from sys.argv
+    if command in ("train", "bench", "pretrain", "bench-pretrain"):
+        sys.argv = [f"rtl-{command}", *(_moved_keys(rest) if command in ("train", "bench") else rest)]
         # Let Hydra's own errors reach us, so they end as one message rather than a partial traceback.
         os.environ["HYDRA_FULL_ERROR"] = "1"
         try:
-            _train() if command == "train" else _bench()
+            {"train": _train, "bench": _bench, "pretrain": _pretrain, "bench-pretrain": _bench_pretrain}[command]()
             if _SWEEP_FAILURES:
                 _sweep_failed()
         except HydraException as err:
@@ -280,6 +361,13 @@ def _main(argv: list[str] | None = None) -> None:
             _fail(str(err))
         except (HydraException, OmegaConfBaseException) as err:
             _fail(_hydra_message(err))
+    elif command == "weights":
+        try:
+            _weights(rest)
+        except UserError as err:
+            _fail(str(err))
+        except OSError as err:
+            _fail(f"{err.filename or ''}: {err.strerror or err}")
     elif command == "report":
         try:
             _report(rest)
@@ -289,7 +377,7 @@ def _main(argv: list[str] | None = None) -> None:
             where = f" {err.filename}" if err.filename else ""
             _fail(f"cannot write{where}: {err.strerror or err}; choose a writable folder with --out")
     else:
-        _fail(f"unknown command '{command}': use one of train, data, report, bench (rtl --help)")
+        _fail(f"unknown command '{command}': use one of train, data, report, bench, pretrain, bench-pretrain, weights (rtl --help)")
 
 
 if __name__ == "__main__":

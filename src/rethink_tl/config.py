@@ -256,13 +256,81 @@ class BenchConfig:
     score_labels: int = 14
 
 
+# --- rtl pretrain -------------------------------------------------------------------------------------
+
+@dataclass
+class ImageFolderData:
+    """An ImageFolder tree, the ImageNet layout: root/train/<class>/*.JPEG and root/val/<class>/*.JPEG."""
+
+    root: Optional[str] = None
+    name: str = "${rtl.basename:${.root}}"  # weights.json and the run folder name the dataset by this
+    image_size: int = 224  # RandomResizedCrop size in training, centre-crop size in validation
+    val_resize: int = 256  # validation: shorter side resized to this, then the centre image_size crop
+    min_scale: float = 0.08  # RandomResizedCrop keeps 8%-100% of the image area (Szegedy et al. 2015)
+    flip: bool = True  # random horizontal flip in training
+
+
+@dataclass
+class RecipeConfig:
+    """The optimisation recipe. No defaults here: every value, with its source, is in conf/recipe/*.yaml."""
+
+    epochs: int = MISSING
+    batch_size: int = MISSING  # images per process (per GPU) per forward pass
+    accumulate: int = MISSING  # forward passes per step; global batch = batch_size x processes x accumulate
+    lr_per_256: float = MISSING  # lr = lr_per_256 x global batch / 256 (linear scaling rule)
+    momentum: float = MISSING
+    nesterov: bool = MISSING
+    weight_decay: float = MISSING
+    decay_norm_and_bias: bool = MISSING  # false: no weight decay on normalisation weights and biases
+    label_smoothing: float = MISSING
+    warmup_epochs: int = MISSING  # linear warm-up from lr/warm-up steps to lr, then cosine decay to 0
+    seed: int = MISSING  # data order and augmentation (per image, so independent of workers and processes)
+
+
+@dataclass
+class PretrainRuntime:
+    """How a pretraining executes; as for rtl train, only ``amp`` is part of a run's identity."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: each process takes cuda:LOCAL_RANK)
+    threads: int = 0
+    amp: Amp = Amp.auto
+    channels_last: bool = True
+    compile: bool = False
+    cudnn_benchmark: bool = True
+    workers: Optional[int] = None  # decoding processes per GPU process; null: the CPU cores / processes, max 16
+    prefetch: int = 4  # batches each worker prepares ahead
+    eval_batch_size: int = 256
+    install: bool = True  # install the finished weights into $RTL_WEIGHTS, where init=pretrained finds them
+    force: bool = False
+    progress: bool = True
+
+
+@dataclass
+class PretrainBench:
+    images: int = 256  # generated ImageNet-like JPEGs (about 500 x 375, quality 90) when data.root is null
+    batches: int = 4  # timed batches per phase (after one untimed batch)
+    steps: int = 4  # timed model steps
+    warmup: int = 1
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = MISSING
+    recipe: RecipeConfig = MISSING
+    data: ImageFolderData = field(default_factory=ImageFolderData)
+    runtime: PretrainRuntime = field(default_factory=PretrainRuntime)
+    bench: Optional[PretrainBench] = None
+    experiment: Optional[str] = None
+    vars: Any = field(default_factory=dict)
+
+
 SCHEMAS: dict[str, type] = {
     "base_model": ModelConfig, "base_init": InitConfig, "base_train": TrainConfig, "base_runtime": RuntimeConfig,
     "base_synthetic": SyntheticData, "base_chexpert": ChexpertData, "base_csv": CsvData,
-    "base_medmnist": MedmnistData, "base_bench": BenchConfig,
+    "base_medmnist": MedmnistData, "base_bench": BenchConfig, "base_recipe": RecipeConfig,
 }
 _GROUP_OF = {"base_model": "model", "base_init": "init", "base_train": "train", "base_runtime": "runtime",
-             "base_bench": "bench"}
+             "base_bench": "bench", "base_recipe": "recipe"}
 
 
 def register() -> None:
@@ -270,6 +338,7 @@ def register() -> None:
     cs = ConfigStore.instance()
     for name, node in SCHEMAS.items():
         cs.store(group=_GROUP_OF.get(name, "data"), name=name, node=node)
+    cs.store(name="base_pretrain", node=PretrainConfig)
 
 
 register()
@@ -312,13 +381,20 @@ RANGES = {
     "bench.steps": _between(1, 100_000), "bench.warmup": _between(0, 100_000), "bench.eval_images": _between(1),
     "bench.naive_workers": _between(0, 256), "bench.source_scale": _between(1, 16), "bench.score_n": _between(2),
     "bench.score_labels": _between(1, 1000),
+    "recipe.epochs": _between(1, 100_000), "recipe.batch_size": _between(2, 1_000_000),
+    "recipe.accumulate": _between(1, 1024), "recipe.lr_per_256": _between(0, 100, lo_open=True),
+    "recipe.momentum": _between(0, 1, hi_open=True), "recipe.weight_decay": _between(0, 1),
+    "recipe.label_smoothing": _between(0, 1, hi_open=True), "recipe.warmup_epochs": _between(0, 100_000),
+    "recipe.seed": _between(0, SEED_MAX), "data.val_resize": _between(8, 8192),
+    "data.min_scale": _between(0, 1, lo_open=True), "runtime.workers": _between(0, 1024),
+    "runtime.prefetch": _between(1, 1024), "bench.images": _between(8, 100_000), "bench.batches": _between(1),
 }
 # Keys a config may have beside the groups: the experiment's name, and free values for interpolations.
 ROOT_KEYS = ("experiment", "vars", "hydra")
 # Which models read model.backbone / model.cut.
 USES = {"backbone": ("timm", "trunc"), "cut": ("trunc",)}
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-GROUPS = ("model", "init", "data", "train", "runtime", "bench")
+GROUPS = ("model", "init", "data", "train", "runtime", "bench", "recipe")
 
 
 def _unknown_keys(cfg: DictConfig) -> None:
@@ -385,7 +461,8 @@ def validate(cfg: DictConfig) -> None:
                         f"{', '.join(ROOT_KEYS[:2])} (put values for interpolations under vars.)")
     _unknown_keys(cfg)
     _finite(cfg)
-    _dataset_kind(cfg)
+    if "kind" in cfg.get("data", {}):
+        _dataset_kind(cfg)
     _model_keys(cfg)
     for key, (check, allowed) in RANGES.items():
         try:
@@ -407,7 +484,14 @@ def validate(cfg: DictConfig) -> None:
                 date.fromisoformat(str(cfg.data.cutoff_date))
             except ValueError as err:
                 raise UserError(f"data.cutoff_date={cfg.data.cutoff_date} is not a date: write YYYY-MM-DD") from err
-    if "data" in cfg and str(cfg.data.kind) == "synthetic" and cfg.data.val_share + cfg.data.test_share >= 1:
+    if "recipe" in cfg:
+        if cfg.recipe.warmup_epochs >= cfg.recipe.epochs:
+            raise UserError(f"recipe.warmup_epochs={cfg.recipe.warmup_epochs} leaves no epoch after the warm-up: it "
+                            f"must be less than recipe.epochs={cfg.recipe.epochs}")
+        if cfg.data.val_resize < cfg.data.image_size:
+            raise UserError(f"data.val_resize={cfg.data.val_resize} is smaller than the centre crop data.image_size="
+                            f"{cfg.data.image_size}: it must be at least as large (the recipe: 256 for 224)")
+    if "data" in cfg and str(cfg.data.get("kind")) == "synthetic" and cfg.data.val_share + cfg.data.test_share >= 1:
         raise UserError(f"data.val_share + data.test_share = {cfg.data.val_share + cfg.data.test_share:g} "
                         "leaves no training images: they must add up to less than 1")
 
@@ -418,7 +502,7 @@ def validate(cfg: DictConfig) -> None:
 NOT_IDENTITY = {"data.cache", "data.cache_dir", "data.workers", "data.download", "init.download"}
 # Paths name files: written relative, they mean another file from another folder.
 PATHS = ("data.csv", "data.root", "data.npz", "init.weights")
-IDENTITY_GROUPS = ("model", "init", "data", "train")
+IDENTITY_GROUPS = ("model", "init", "data", "train", "recipe")  # those a config has: rtl pretrain has no init
 
 
 def _flat(prefix: str, node: Any, out: dict[str, Any]) -> None:
@@ -438,6 +522,8 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
     for group in IDENTITY_GROUPS:
+        if group not in cfg:
+            continue
         node = cfg[group]
         container = OmegaConf.to_container(node, resolve=True, enum_to_str=True) if isinstance(node, DictConfig) \
             else node
@@ -498,7 +584,33 @@ def _resolver_num(value: Any) -> str:
     return f"{float(value):g}"
 
 
-for _name, _fn in (("rtl.setting_id", _resolver_setting_id), ("rtl.num", _resolver_num)):
+def _resolver_basename(path: Any) -> str:
+    """The dataset name of an ImageFolder root: its folder name (/data/imagenet/ -> imagenet)."""
+    return os.path.basename(os.path.normpath(str(path))) if path else "imagefolder"
+
+
+def process_rank() -> int:
+    """This process's rank in a distributed run: torchrun's RANK, or SLURM's task id when a job has several
+    tasks (the SLURM launcher, one task per GPU); 0 otherwise."""
+    if os.environ.get("RANK"):
+        return int(os.environ["RANK"])
+    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and os.environ.get("SLURM_PROCID"):
+        return int(os.environ["SLURM_PROCID"])
+    return 0
+
+
+def _resolver_rank0(value: Any) -> Any:
+    """``value`` in the first process, null in the others (Hydra then writes no record there)."""
+    return value if process_rank() == 0 else None
+
+
+def _resolver_rank0_file(path: Any) -> str:
+    return str(path) if process_rank() == 0 else os.devnull
+
+
+for _name, _fn in (("rtl.setting_id", _resolver_setting_id), ("rtl.num", _resolver_num),
+                   ("rtl.basename", _resolver_basename), ("rtl.rank0", _resolver_rank0),
+                   ("rtl.rank0_file", _resolver_rank0_file)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn, use_cache=False)
 

@@ -43,7 +43,7 @@ HEADLINE = ["test_auroc", "test_auprc", "val_auroc", "val_auprc"]
 SAME_WITHIN_GROUP = ["epochs", "image_size", "lr", "batch_size", "n_train", "n_test"]
 
 # What a run used that its settings do not fix: the seeds of one summary row must agree on these too.
-PROVENANCE = ["data_fingerprint", "weights", "precision"]
+PROVENANCE = ["data_fingerprint", "weights", "weights_sha256", "precision"]
 # Without these a row cannot be placed in a table or drawn; setting_id is absent from older runs.
 REQUIRED = [*GROUP, "seed", "params", *HEADLINE]
 NUMERIC = ["fraction", "seed", "params"]

@@ -39,7 +39,7 @@ from .errors import NotYourRun, UserError
 from .models import build_model, check_image_size
 from .preempt import GracefulStop, Interrupted
 from .results import BrokenRun, read_run
-from .weights import apply_init
+from .weights import apply_init, installed, weights_home, weights_slot
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,10 @@ class RunDir:
     on a typo or a missing file, leaves the old one intact.
     """
 
-    def __init__(self, path: Path, settings: dict[str, Any], force: bool):
+    def __init__(self, path: Path, settings: dict[str, Any], force: bool, files: tuple[str, ...] = RUN_FILES,
+                 done: str = "results.csv"):
         self.path, self.settings, self.force = path, settings, force
+        self.files, self.done = files, done  # what this kind of run writes, and the file that marks it finished
         self.claimed = False
         self.lock = FileLock(str(path / ".rtl.lock"))
 
@@ -83,7 +85,8 @@ class RunDir:
     def status(self) -> str:
         """``finished``, ``resume`` or ``new``; raises UserError when the folder holds other settings."""
         stored_path = self.path / "identity.json"
-        has_run = any((self.path / name).exists() for name in ("results.csv", "last.pt", "best.pt", "metrics.csv"))
+        has_run = any((self.path / name).exists() for name in self.files if name not in ("identity.json", "config.yaml",
+                                                                                         "error.txt"))
         if self.force or not (has_run or stored_path.exists()):
             return "new"
         if not stored_path.exists():
@@ -102,7 +105,7 @@ class RunDir:
             raise NotYourRun(f"{self.path} holds a run with other settings ({len(diff)} differ: {'; '.join(diff)}): "
                             "give this run another output folder (hydra.run.dir=... or hydra.sweep.dir=...), or "
                             "replace that run with runtime.force=true")
-        if (self.path / "results.csv").exists():
+        if (self.path / self.done).exists():
             return "finished"
         return "resume" if (self.path / "last.pt").exists() else "new"
 
@@ -111,7 +114,7 @@ class RunDir:
         if self.claimed:
             return
         if self.force:
-            for name in RUN_FILES:
+            for name in self.files:
                 (self.path / name).unlink(missing_ok=True)
         for stale_tmp in self.path.glob(".*.tmp"):  # left by a process killed in the middle of an atomic write
             stale_tmp.unlink()
@@ -158,7 +161,7 @@ def setup(cfg: DictConfig) -> Setup:
     check_label_names(labels)
     model = build_model(cfg.model, num_labels=len(labels), image_size=int(cfg.data.image_size))
     check_image_size(model, int(cfg.data.image_size))
-    init = apply_init(model, cfg.init)  # logs what was loaded and what is new
+    init = apply_init(model, cfg.init, slot=weights_slot(cfg.model))  # logs what was loaded and what is new
     data = build_data(cfg.data, train_seed=int(tc.seed))
     if data.label_names != labels:
         raise RuntimeError(f"dataset gave labels {data.label_names}, its config promised {labels}")
@@ -184,6 +187,18 @@ def setup(cfg: DictConfig) -> Setup:
 
 # --- the state that is saved and restored -----------------------------------------------------------
 
+def check_resumable(state: dict[str, Any], fingerprint: str, precision: Precision, source: Path) -> None:
+    """The settings matched (RunDir.status); these two can still differ: the data files changed under the same
+    config, or the GPU resolves runtime.amp=auto differently. (rtl train and rtl pretrain checkpoints.)"""
+    if state["data_fingerprint"] != fingerprint:
+        raise UserError(f"{source} was trained on other data (fingerprint {state['data_fingerprint']}, now "
+                        f"{fingerprint}: images, labels or file names changed): start over with runtime.force=true")
+    if state["precision"] != precision.name:
+        raise UserError(f"{source} was trained in {state['precision']}, this machine would continue in "
+                        f"{precision.name}: set runtime.amp={state['precision'].replace('fp32', 'off')} "
+                        "to resume, or start over with runtime.force=true")
+
+
 @dataclass
 class TrainState:
     """Everything ``last.pt`` holds: restoring it continues the run exactly where it stopped."""
@@ -195,6 +210,7 @@ class TrainState:
     device: torch.device
     fingerprint: str
     weights: str  # where the initial weights came from (InitReport.source)
+    weights_sha256: str = ""
     best: float = -math.inf
     best_epoch: int = 0
     train_seconds: float = 0.0
@@ -207,24 +223,22 @@ class TrainState:
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else {},
                 "precision": self.precision.name, "data_fingerprint": self.fingerprint, "weights": self.weights,
+                "weights_sha256": self.weights_sha256,
                 "best": self.best, "best_epoch": self.best_epoch, "train_seconds": self.train_seconds,
                 "history": self.history, "progress": self.progress.state_dict(), "started": self.started,
                 "rng": rng_state(self.device)}
 
     def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
-        # The settings matched (RunDir.status); these two can still differ: the data files changed under
-        # the same config, or the GPU resolves runtime.amp=auto differently.
-        if state["data_fingerprint"] != self.fingerprint:
-            raise UserError(f"{source} was trained on other data (fingerprint {state['data_fingerprint']}, now "
-                            f"{self.fingerprint}: the images or labels changed): start over with runtime.force=true")
-        if state["precision"] != self.precision.name:
-            raise UserError(f"{source} was trained in {state['precision']}, this machine would continue in "
-                            f"{self.precision.name}: set runtime.amp={state['precision'].replace('fp32', 'off')} "
-                            "to resume, or start over with runtime.force=true")
+        check_resumable(state, self.fingerprint, self.precision, source)
         if state["weights"] != self.weights:
             raise UserError(f"{source} started from the weights {state['weights']}, this machine finds "
                             f"{self.weights}: make the same file available (init.weights=PATH), or start over with "
                             "runtime.force=true")
+        stored_sha = state.get("weights_sha256", "")
+        if stored_sha and self.weights_sha256 and stored_sha != self.weights_sha256:
+            raise UserError(f"{source} started from {self.weights} with sha256 {stored_sha[:12]}, but that file now has "
+                            f"sha256 {self.weights_sha256[:12]} (replaced since): restore the old file, or start over "
+                            "with runtime.force=true")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -367,6 +381,7 @@ def score_best(cfg: DictConfig, s: Setup, state: TrainState, settings: dict[str,
         "lr": float(cfg.train.lr), "train_seconds": round(state.train_seconds, 3),
         "images_per_s": round(images_seen / state.train_seconds, 2) if state.train_seconds > 0 else float("nan"),
         "device": device_name(s.device), "precision": s.precision.name, "weights": s.init.source,
+        "weights_sha256": s.init.sha256,
         "data_fingerprint": s.fingerprint, "started": state.started, "finished": _now(),
         "git_commit": _git_commit(), **_versions(),
     })
@@ -374,6 +389,24 @@ def score_best(cfg: DictConfig, s: Setup, state: TrainState, settings: dict[str,
 
 
 # --- one run ----------------------------------------------------------------------------------------
+
+def _same_installed_weights(cfg: DictConfig, row: dict[str, Any], path: Path) -> None:
+    """A finished run is skipped only if init=pretrained would still start from its weights: installing (or
+    removing) rtl pretrain weights for the model since then changes what the same settings mean."""
+    if str(cfg.init.name) != "pretrained" or cfg.init.weights:
+        return
+    now = installed(weights_slot(cfg.model))
+    used, used_sha = str(row.get("weights", "")), str(row.get("weights_sha256", "") or "")
+    if now is not None:
+        now_path, meta = now
+        if used != str(now_path) or (used_sha not in ("", "nan") and used_sha != meta.get("sha256")):
+            raise NotYourRun(f"{path} finished with the weights {used}, but init=pretrained now finds {now_path} "
+                             f"(sha256 {str(meta.get('sha256'))[:12]}, installed since): run it again with "
+                             "runtime.force=true, or keep it by passing its file as init.weights")
+    elif used.startswith(str(weights_home())):
+        raise NotYourRun(f"{path} finished with the installed weights {used}, which are no longer installed: "
+                         "reinstall them (rtl weights install RUN_DIR) or run it again with runtime.force=true")
+
 
 def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     """Train one setting into ``out_dir`` and return its results row (also written to results.csv)."""
@@ -386,13 +419,16 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
             log.warning("%s: finished with the same settings, skipping (runtime.force=true runs it again)",
                         run_dir.path)
             try:
-                return read_run(run_dir.path).row
+                row = read_run(run_dir.path).row
             except BrokenRun as err:
                 raise NotYourRun(f"{err}; run it again from scratch with runtime.force=true") from err
+            _same_installed_weights(cfg, row, run_dir.path)
+            return row
 
         s = setup(cfg)
         optimizer, scheduler = make_optimizer(s.model, cfg.train)
-        state = TrainState(s.model, optimizer, scheduler, s.precision, s.device, s.fingerprint, s.init.source)
+        state = TrainState(s.model, optimizer, scheduler, s.precision, s.device, s.fingerprint, s.init.source,
+                           s.init.sha256)
         last_path = run_dir.path / "last.pt"
         if status == "resume":
             state.load_state_dict(atomic_io.load(last_path, fix="delete it to start this run over from epoch 1, "

@@ -8,12 +8,20 @@ ResNet50 / DenseNet121 or a timm backbone). The file is first loaded strictly in
 model, so a wrong or tampered file fails loudly, and only then are the trunk's reused tensors copied
 over by name. Search order: ``init.weights``; the torch hub cache ($TORCH_HOME/hub/checkpoints); the
 Hugging Face cache (timm); an installed weights package; a download (``init.download``).
+
+Weights made by ``rtl pretrain`` are installed into ``weights_home()`` ($RTL_WEIGHTS, default
+``~/.cache/rethink_tl/weights``), one folder per model (``weights_slot``) holding weights.pth and weights.json.
+``init=pretrained`` looks there right after ``init.weights``: such a file is of the model itself (trunk and an
+ImageNet head), so its whole trunk is loaded, for CBR nets and deep models alike.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
+import json
 import logging
+import shutil
 import os
 import re
 from dataclasses import dataclass, field
@@ -70,16 +78,124 @@ class InitReport:
     source: str  # the weights file used, or "random"
     loaded: list[str] = field(default_factory=list)  # trunk state_dict keys copied from the source
     new: list[str] = field(default_factory=list)  # model modules left freshly initialised
+    sha256: str = ""  # of the weights file ("" for random weights and for a download timm keeps to itself)
+    about: str = ""  # what an installed rtl pretrain file says about itself
 
     def summary(self) -> str:
         new = ", ".join(self.new) if self.new else "nothing"
         if not self.loaded:
             return f"{self.strategy}: random weights; freshly initialised: {new}"
-        return f"{self.strategy}: {len(self.loaded)} trunk tensors from {self.source}; freshly initialised: {new}"
+        sha = f" (sha256 {self.sha256[:12]})" if self.sha256 else ""
+        about = f", {self.about}" if self.about else ""
+        return (f"{self.strategy}: {len(self.loaded)} trunk tensors from {self.source}{sha}{about}; freshly "
+                f"initialised: {new}")
 
 
-def apply_init(model: Classifier, init_cfg: Mapping[str, Any]) -> InitReport:
-    """Initialise ``model`` as ``init_cfg`` says (keys: name, weights, download) and report what happened."""
+# --- weights made by rtl pretrain ---------------------------------------------------------------------
+
+def weights_home() -> Path:
+    """Where ``rtl pretrain`` installs weights and ``init=pretrained`` finds them: $RTL_WEIGHTS, else
+    $XDG_CACHE_HOME/rethink_tl/weights (``~/.cache/rethink_tl/weights``)."""
+    if os.environ.get("RTL_WEIGHTS"):
+        return Path(os.path.expanduser(os.environ["RTL_WEIGHTS"]))
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rethink_tl" / "weights"
+
+
+def weights_slot(model_cfg: Mapping[str, Any]) -> str:
+    """The installed-weights folder name of a model: its canonical name, with the timm backbone and cut for
+    model=timm / trunc (cbr_small, dens_t1, trunc-resnet18-cut2). The head is not part of it: only the trunk
+    is transferred."""
+    from .models.registry import canonical_name
+
+    name = canonical_name(str(model_cfg["name"]))
+    if name in ("timm", "trunc"):
+        name += f"-{model_cfg['backbone']}"
+        if name.startswith("trunc"):
+            name += f"-cut{model_cfg['cut']}"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def installed(slot: str) -> tuple[Path, dict[str, Any]] | None:
+    """(weights.pth, weights.json content) installed for ``slot``, or None."""
+    folder = weights_home() / slot
+    path, meta_path = folder / "weights.pth", folder / "weights.json"
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{meta_path} is missing or damaged ({err}): install the weights again with "
+                        f"rtl weights install RUN_DIR --replace, or delete {folder}") from err
+    return path, meta
+
+
+def install(run_dir: str | os.PathLike, meta: dict[str, Any] | None = None, replace: bool = False) -> Path:
+    """Copy a finished pretraining's weights.pth and weights.json into ``weights_home()/<slot>``, atomically.
+
+    An empty slot, or one holding the same file, takes it. A slot holding other weights is replaced only with
+    ``replace``: the runs made from the old file would otherwise no longer match what init=pretrained finds."""
+    from . import atomic_io
+
+    run_dir = Path(run_dir)
+    src, meta_src = run_dir / "weights.pth", run_dir / "weights.json"
+    if meta is None:
+        if not meta_src.is_file() or not src.is_file():
+            raise UserError(f"{run_dir} holds no finished pretraining (weights.pth and weights.json): run rtl pretrain "
+                            "to the end first")
+        try:
+            meta = json.loads(meta_src.read_text())
+        except ValueError as err:
+            raise UserError(f"{meta_src} is damaged ({err})") from err
+    if sha256_file(src) != meta["sha256"]:
+        raise UserError(f"{src} does not match the sha256 in {meta_src}: the file changed after the pretraining "
+                        "wrote it; run the pretraining again with runtime.force=true")
+    folder = weights_home() / meta["slot"]
+    have = installed(meta["slot"]) if (folder / "weights.pth").exists() else None
+    if have is not None and have[1].get("sha256") != meta["sha256"] and not replace:
+        raise UserError(f"{folder} already holds other {meta['slot']} weights (sha256 {have[1].get('sha256', '?')[:12]}, "
+                        f"from {have[1].get('run_dir', '?')}), so {run_dir} was not installed; to replace them: "
+                        f"rtl weights install {run_dir} --replace")
+    if have is None or have[1].get("sha256") != meta["sha256"]:
+        atomic_io.write_bytes(folder / "weights.pth", src.read_bytes())
+    atomic_io.write_json(meta, folder / "weights.json")
+    log.info("installed %s weights (val top-1 %.4f) into %s; init=pretrained uses them", meta["slot"],
+             meta["val_top1"], folder)
+    return folder
+
+
+def list_installed() -> list[dict[str, Any]]:
+    home = weights_home()
+    rows = []
+    for folder in sorted(home.iterdir()) if home.is_dir() else []:
+        if (folder / "weights.pth").is_file():
+            try:
+                meta = json.loads((folder / "weights.json").read_text())
+            except (OSError, ValueError):
+                meta = {"slot": folder.name, "damaged": True}
+            rows.append({**meta, "path": str(folder / "weights.pth")})
+    return rows
+
+
+def remove_installed(slot: str) -> Path:
+    folder = weights_home() / slot
+    if not (folder / "weights.pth").is_file():
+        raise UserError(f"no weights installed for {slot} in {weights_home()} (rtl weights list shows what is)")
+    shutil.rmtree(folder)
+    return folder
+
+
+def apply_init(model: Classifier, init_cfg: Mapping[str, Any], slot: str | None = None) -> InitReport:
+    """Initialise ``model`` as ``init_cfg`` says (keys: name, weights, download) and report what happened.
+    ``slot`` names the model's installed rtl pretrain weights (``weights_slot(cfg.model)``; default: the
+    model's name)."""
     from .config import InitConfig, typed
 
     init_cfg = typed(InitConfig, init_cfg, where="init")
@@ -94,9 +210,30 @@ def apply_init(model: Classifier, init_cfg: Mapping[str, Any]) -> InitReport:
             log.warning("init=random ignores init.weights=%s", weights)
         report = InitReport(strategy, "random", [], _fresh_modules(model, set()))
     else:
-        state, source = _source_state_dict(model, weights, bool(init_cfg.download))
-        loaded = _copy_into_trunk(model, state)
-        report = InitReport(strategy, source, loaded, _fresh_modules(model, {f"trunk.{k}" for k in loaded}))
+        if slot is None and info.name not in ("timm", "trunc"):  # those need backbone (and cut) to be named
+            slot = weights_slot({"name": info.name})
+        own = None if weights or slot is None else installed(slot)
+        if own is not None:
+            path, meta = own
+            sha = sha256_file(path)
+            if sha != meta.get("sha256"):
+                raise UserError(f"{path} does not match the sha256 its weights.json records: reinstall it "
+                                "(rtl weights install RUN_DIR --replace) or delete it")
+            state = _validated_own(model, read_weights_file(path), str(path))
+            loaded = _copy_into_trunk(model, state, whole=True)
+            if info.kind != "cbr":
+                strategy = "TL"  # the trunk's own pretraining, not a truncated or scaled-down full model
+                log.warning("%s: using the weights rtl pretrain installed in %s, not %s's ImageNet weights; pass "
+                            "init.weights=PATH to use another file", info.name, path.parent, info.arch)
+            about = (f"rtl pretrain on {meta.get('dataset')} ({meta.get('num_classes')} classes, "
+                     f"{meta.get('epochs')} epochs, val top-1 {meta.get('val_top1', float('nan')):.4f})")
+            report = InitReport(strategy, str(path), loaded, _fresh_modules(model, {f"trunk.{k}" for k in loaded}),
+                                sha, about)
+        else:
+            state, source = _source_state_dict(model, weights, bool(init_cfg.download))
+            loaded = _copy_into_trunk(model, state)
+            sha = sha256_file(source) if os.path.isfile(source) else ""
+            report = InitReport(strategy, source, loaded, _fresh_modules(model, {f"trunk.{k}" for k in loaded}), sha)
     log.info("%s", report.summary())
     return report
 
@@ -118,8 +255,10 @@ def _source_state_dict(model: Classifier, weights: Any, download: bool) -> tuple
     if info.kind == "cbr":
         if not weights:
             raise UserError(
-                f"{info.name}: CBR nets have no public ImageNet weights; pass init.weights=PATH to a checkpoint "
-                f"of the same {info.name} net, or use init=random")
+                f"{info.name}: CBR nets have no public ImageNet weights and none are installed in {weights_home()}: "
+                f"make them with rtl pretrain model={info.name} data.root=/data/imagenet (make pretrain-cbr "
+                f"IMAGENET=/data/imagenet for all four), pass init.weights=PATH to a checkpoint of the same "
+                f"{info.name} net, or use init=random")
         path = _existing_file(weights)
         return _validated_cbr(model, read_weights_file(path), str(path)), str(path)
 
@@ -343,6 +482,14 @@ def _validated_cbr(model: Classifier, state: dict[str, torch.Tensor], where: str
     return state
 
 
+def _validated_own(model: Classifier, state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """An rtl pretrain file (the whole classifier: trunk.* and an ImageNet head) -> its trunk tensors."""
+    trunk = {k.removeprefix("trunk."): v for k, v in state.items() if k.startswith("trunk.")}
+    expected = {k: v.shape for k, v in model.trunk.state_dict().items()}
+    _check_fit(trunk, expected, where, model.info.name)
+    return trunk
+
+
 def _check_fit(state: dict[str, torch.Tensor], expected: dict[str, torch.Size], where: str, arch: str) -> None:
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -359,17 +506,18 @@ def _check_fit(state: dict[str, torch.Tensor], expected: dict[str, torch.Size], 
 
 # --- copying into the model ------------------------------------------------------------------
 
-def _copy_into_trunk(model: Classifier, state: dict[str, torch.Tensor]) -> list[str]:
-    """Copy the source tensors of every reused trunk key into ``model.trunk``; returns those keys."""
+def _copy_into_trunk(model: Classifier, state: dict[str, torch.Tensor], whole: bool = False) -> list[str]:
+    """Copy the source tensors of every reused trunk key into ``model.trunk``; returns those keys.
+    ``whole``: ``state`` is of this very trunk (an rtl pretrain file), keyed as the trunk is."""
     info = model.info
     trunk_state = model.trunk.state_dict()
     # A CBR checkpoint is of this very trunk, so all of it is reused ("" prefixes every key).
-    reused = ("",) if info.kind == "cbr" else info.reused_prefixes
+    reused = ("",) if info.kind == "cbr" or whole else info.reused_prefixes
     picked: dict[str, torch.Tensor] = {}
     for key, target in trunk_state.items():
         if not _under(key, reused):
             continue
-        src_key = info.source_prefix + key
+        src_key = key if whole else info.source_prefix + key
         if src_key not in state:
             raise RuntimeError(f"{info.name}: trunk key {key} has no source key {src_key} in {info.arch}")
         if state[src_key].shape != target.shape:
