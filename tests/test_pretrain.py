@@ -30,13 +30,31 @@ RTL = shutil.which("rtl") or str(BIN / "rtl")
 # Crops of at least 35% of the image: a few epochs of small patterns learn faster than with the recipe's 8%.
 SMALL = ["model=cbr_small", "data.image_size=121", "data.val_resize=138", "data.min_scale=0.35",
          "recipe.batch_size=16", "recipe.warmup_epochs=1", "runtime.workers=1", "runtime.device=cpu",
-         "runtime.progress=false", "runtime.threads=1"]
+         "runtime.progress=false", "runtime.threads=2"]
 TIMING = ["seconds", "img_per_s"]
 
 
 def rtl(*args, cwd, weights, timeout=600):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RTL_WEIGHTS": str(weights), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RTL_WEIGHTS": str(weights)}
     return subprocess.run([RTL, *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture
+def wcli(monkeypatch, capsys):
+    """``rtl weights ...`` in this process (no interpreter start-up): a CompletedProcess-like result."""
+    from rethink_tl.cli import main
+
+    def call(weights, *args):
+        monkeypatch.setenv("RTL_WEIGHTS", str(weights))
+        code = 0
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exit_:
+            code = exit_.code or 0
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    return call
 
 
 def one_line_error(proc, *fragments):
@@ -142,8 +160,10 @@ def test_pretraining_learns_writes_and_installs(finished):
     assert list(hist.columns) == ["epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "images",
                                   "seconds", "img_per_s"]
     assert hist.epoch.tolist() == [1, 2, 3, 4, 5] and (hist.images == 192).all()
-    # 8 classes: chance is 0.125. 5 epochs of 192 images reached 0.40-0.52 when this test was written.
-    assert hist.val_top1.iloc[-1] >= 0.3, hist
+    # 8 classes: chance is 0.125. This setting reached 0.31 to 0.52 in 5 measured runs (this data and two other
+    # generated sets x recipe seeds 0 and 1); the threshold is below all of them, twice chance.
+    assert hist.val_top1.iloc[-1] >= 0.25, hist
+    assert hist.val_loss.iloc[-1] < hist.val_loss.iloc[0]
     assert hist.train_loss.iloc[-1] < hist.train_loss.iloc[0]
     meta = json.loads((out / "weights.json").read_text())
     assert meta["num_classes"] == 8 and meta["epochs"] == 5 and meta["slot"] == "cbr_small"
@@ -182,48 +202,40 @@ def test_other_settings_in_the_same_folder_are_refused(finished, folder):
     one_line_error(proc, "recipe.epochs: 5 -> 6")
 
 
-def test_sigkill_mid_epoch_then_rerun_gives_the_same_run(finished, folder, tmp_path):
-    reference, weights, _ = finished
-    out = tmp_path / "killed"
-    env = {**os.environ, "RTL_WEIGHTS": str(tmp_path / "w"), "OMP_NUM_THREADS": "1"}
-    cmd = [RTL, "pretrain", *SMALL, "recipe.epochs=5", f"data.root={folder}", f"hydra.run.dir={out}"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _start(cmd, cwd, env):
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_for_rows(out: Path, rows: int, proc) -> None:
     deadline = time.time() + 300
-    while not (out / "pretrain.csv").exists() or len(pd.read_csv(out / "pretrain.csv")) < 2:
+    while not (out / "pretrain.csv").exists() or len(pd.read_csv(out / "pretrain.csv")) < rows:
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.1)
-    time.sleep(1.0)  # into epoch 3
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert len(pd.read_csv(out / "pretrain.csv")) == 2 and not (out / "weights.pth").exists()
-    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr
-    log = again.stdout + again.stderr
-    assert "resuming from" in log and "at epoch 3 step 0" in log
-    ours, ref = pd.read_csv(out / "pretrain.csv"), pd.read_csv(reference / "pretrain.csv")
-    pd.testing.assert_frame_equal(ours.drop(columns=TIMING), ref.drop(columns=TIMING))
-    assert (out / "weights.pth").read_bytes() == (reference / "weights.pth").read_bytes()
 
 
-def test_sigterm_mid_epoch_saves_the_step_and_resumes_it_exactly(finished, folder, tmp_path):
+def test_sigterm_and_sigkill_mid_epoch_then_reruns_give_the_same_run(finished, folder, tmp_path):
+    """SIGTERM in epoch 2 saves the step; SIGKILL in epoch 4 loses the epoch; each rerun resumes, and the run
+    ends with the uninterrupted run's pretrain.csv (timing aside) and a byte-identical weights.pth."""
     reference, _, _ = finished
     out = tmp_path / "stopped"
-    env = {**os.environ, "RTL_WEIGHTS": str(tmp_path / "w"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "RTL_WEIGHTS": str(tmp_path / "w")}
     cmd = [RTL, "pretrain", *SMALL, "recipe.epochs=5", f"data.root={folder}", f"hydra.run.dir={out}"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (out / "pretrain.csv").exists():
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.1)
-    time.sleep(2.5)  # a few steps into epoch 2 (an epoch is 12 steps, about 5 s)
+    proc = _start(cmd, tmp_path, env)
+    _wait_for_rows(out, 1, proc)
+    time.sleep(1.5)  # a few steps into epoch 2 (an epoch is 12 steps, about 3 s)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     step = torch.load(out / "last.pt", weights_only=True)["progress"]
     assert step["epoch"] == 2 and 0 < step["step"] < 12, step
+    proc = _start(cmd, tmp_path, env)
+    _wait_for_rows(out, 3, proc)
+    time.sleep(1.5)  # into epoch 4
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(pd.read_csv(out / "pretrain.csv")) == 3 and not (out / "weights.pth").exists()
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
-    assert f"at epoch 2 step {step['step']}" in again.stdout + again.stderr
+    assert "at epoch 4 step 0" in again.stdout + again.stderr
     ours, ref = pd.read_csv(out / "pretrain.csv"), pd.read_csv(reference / "pretrain.csv")
     pd.testing.assert_frame_equal(ours.drop(columns=TIMING), ref.drop(columns=TIMING))
     assert (out / "weights.pth").read_bytes() == (reference / "weights.pth").read_bytes()
@@ -261,7 +273,7 @@ def test_rtl_train_uses_the_installed_weights_and_records_their_sha256(finished,
     assert row.weights == used and row.weights_sha256 == sha and row.strategy == "TL"
 
 
-def test_a_finished_train_run_is_not_skipped_once_other_weights_are_installed(finished, tmp_path):
+def test_a_finished_train_run_is_not_skipped_once_other_weights_are_installed(finished, tmp_path, wcli):
     out, weights, _ = finished
     home = tmp_path / "home"
     shutil.copytree(weights, home)
@@ -280,13 +292,13 @@ def test_a_finished_train_run_is_not_skipped_once_other_weights_are_installed(fi
     meta = json.loads((out / "weights.json").read_text())
     meta.update(sha256=hashlib.sha256((other / "weights.pth").read_bytes()).hexdigest(), run_dir=str(other))
     (other / "weights.json").write_text(json.dumps(meta))
-    assert rtl("weights", "install", other, "--replace", cwd=tmp_path, weights=home).returncode == 0
+    assert wcli(home, "weights", "install", other, "--replace").returncode == 0
     one_line_error(rtl(*args, cwd=tmp_path, weights=home), "installed since", "runtime.force=true")
     shutil.rmtree(home / "cbr_small")
-    one_line_error(rtl(*args, cwd=tmp_path, weights=home), "no longer installed")
+    one_line_error(rtl(*args, cwd=tmp_path, weights=home), "but none are installed for cbr_small")
 
 
-def test_an_occupied_slot_is_replaced_only_on_request(finished, tmp_path):
+def test_an_occupied_slot_is_replaced_only_on_request(finished, tmp_path, wcli):
     out, weights, _ = finished
     home = tmp_path / "home"
     shutil.copytree(weights, home)
@@ -300,21 +312,23 @@ def test_an_occupied_slot_is_replaced_only_on_request(finished, tmp_path):
     meta = json.loads((out / "weights.json").read_text())
     meta.update(sha256=hashlib.sha256((other / "weights.pth").read_bytes()).hexdigest(), run_dir=str(other))
     (other / "weights.json").write_text(json.dumps(meta))
-    proc = rtl("weights", "install", other, cwd=tmp_path, weights=home)
+    proc = wcli(home, "weights", "install", other)
     one_line_error(proc, "already holds other cbr_small weights", "--replace")
     assert (home / "cbr_small" / "weights.pth").read_bytes() == (out / "weights.pth").read_bytes()
-    proc = rtl("weights", "install", other, "--replace", cwd=tmp_path, weights=home)
+    proc = wcli(home, "weights", "install", other, "--replace")
     assert proc.returncode == 0, proc.stderr
     assert (home / "cbr_small" / "weights.pth").read_bytes() == (other / "weights.pth").read_bytes()
-    proc = rtl("weights", "remove", "cbr_small", cwd=tmp_path, weights=home)
+    proc = wcli(home, "weights", "remove", "cbr_small")
     assert proc.returncode == 0 and not (home / "cbr_small").exists()
-    one_line_error(rtl("weights", "remove", "cbr_small", cwd=tmp_path, weights=home), "no weights installed")
+    one_line_error(wcli(home, "weights", "remove", "cbr_small"), "no weights installed")
 
 
 # --- many processes -----------------------------------------------------------------------------------
 
 def test_torchrun_two_processes_equal_one_process_with_the_same_global_batch(folder, tmp_path):
-    args = [*SMALL, "recipe.epochs=2", "recipe.batch_size=8", "runtime.workers=0", f"data.root={folder}"]
+    args = [*SMALL, "recipe.epochs=1", "recipe.warmup_epochs=0", "recipe.batch_size=8", "runtime.workers=0",
+            "runtime.threads=1",
+            f"data.root={folder}"]
     env = {**os.environ, "RTL_WEIGHTS": str(tmp_path / "w"), "OMP_NUM_THREADS": "1"}
     two = tmp_path / "two"
     proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", RTL, "pretrain", *args,
@@ -397,3 +411,72 @@ def test_cbr_train_without_any_weights_says_how_to_make_them(tmp_path):
     model = build_model({"name": "cbr_tiny"}, num_labels=2)
     with pytest.raises(UserError, match="rtl pretrain model=cbr_tiny"):
         apply_init(model, {"name": "pretrained"})
+
+
+# --- found by trying to break it ----------------------------------------------------------------------
+
+def test_weights_remove_and_check_take_model_names_never_paths(finished, tmp_path, wcli):
+    out, weights, _ = finished
+    victim = tmp_path / "victim"
+    shutil.copytree(out, victim)
+    one_line_error(wcli(weights, "weights", "remove", victim), "is not a model name")
+    one_line_error(wcli(weights, "weights", "remove", "../weights"), "is not a model name")
+    assert (victim / "weights.pth").is_file() and (weights / "cbr_small" / "weights.pth").is_file()
+    proc = wcli(weights, "weights", "check", "densenet121,cbr_small")
+    assert proc.returncode == 0 and proc.stdout.strip() == "cbr_small" and "TL runs of dens_f skipped" in proc.stderr
+    one_line_error(wcli(weights, "weights", "check", ","), "needs model names")
+
+
+def test_install_replace_mends_a_damaged_installed_file(finished, tmp_path, wcli):
+    out, weights, _ = finished
+    home = tmp_path / "home"
+    shutil.copytree(weights, home)
+    (home / "cbr_small" / "weights.pth").write_bytes((out / "weights.pth").read_bytes()[:1000])
+    one_line_error(wcli(home, "weights", "install", out), "already holds other")
+    assert wcli(home, "weights", "install", out, "--replace").returncode == 0
+    assert (home / "cbr_small" / "weights.pth").read_bytes() == (out / "weights.pth").read_bytes()
+    (home / "cbr_small" / "weights.json").write_text("{}")
+    assert "damaged" in wcli(home, "weights", "list").stdout
+    assert wcli(home, "weights", "install", out, "--replace").returncode == 0
+    assert json.loads((home / "cbr_small" / "weights.json").read_text())["slot"] == "cbr_small"
+
+
+def test_links_to_folders_inside_a_class_are_refused(folder, tmp_path):
+    root = _copy(folder, tmp_path / "data")
+    (root / "train" / "00_stripes_h" / "again").symlink_to(".")
+    proc = rtl("pretrain", *SMALL, f"data.root={root}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+               weights=tmp_path / "w")
+    one_line_error(proc, "is a link to a folder inside a class folder")
+
+
+def test_a_finished_run_without_its_weights_file_is_not_skipped(finished, folder, tmp_path):
+    out, _, _ = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "weights.pth").unlink()
+    proc = rtl("pretrain", *SMALL, "recipe.epochs=5", f"data.root={folder}", f"hydra.run.dir={copy}", cwd=tmp_path,
+               weights=tmp_path / "w")
+    one_line_error(proc, "weights.pth is missing", "runtime.force=true")
+
+
+def test_a_pretraining_never_shares_a_folder_with_a_train_run(folder, tmp_path):
+    run = tmp_path / "run"
+    (run).mkdir()
+    (run / "results.csv").write_text("dataset\nx\n")
+    proc = rtl("pretrain", *SMALL, "runtime.force=true", f"data.root={folder}", f"hydra.run.dir={run}",
+               cwd=tmp_path, weights=tmp_path / "w")
+    one_line_error(proc, "holds an rtl train run")
+
+
+def test_a_bad_training_image_keeps_the_steps_before_it(folder, tmp_path):
+    root = _copy(folder, tmp_path / "data")
+    bad = sorted((root / "train" / "05_squares").iterdir())[0]
+    good = bad.read_bytes()
+    bad.write_bytes(b"garbage")
+    args = [*SMALL, "recipe.epochs=2", "runtime.install=false", f"data.root={root}", f"hydra.run.dir={tmp_path / 'run'}"]
+    one_line_error(rtl("pretrain", *args, cwd=tmp_path, weights=tmp_path / "w"), f"cannot read image {bad}")
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["progress"]
+    assert saved["epoch"] == 1 and 0 <= saved["step"] < 12
+    bad.write_bytes(good)
+    proc = rtl("pretrain", *args, cwd=tmp_path, weights=tmp_path / "w")
+    assert proc.returncode == 0 and f"at epoch 1 step {saved['step']}" in proc.stdout + proc.stderr

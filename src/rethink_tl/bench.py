@@ -405,13 +405,18 @@ def _file_stats(samples: list[tuple[str, int]]) -> dict[str, float]:
             "jpeg_height_mean": round(float(np.mean(height)), 1)}
 
 
-def _time_batches(batches: Iterator, n: int) -> float:
+def _time_batches(batches: Iterator, n: int, dataset=None) -> float:
     """images/s over ``n`` batches after one untimed batch (the workers start while it is made). With W workers
-    and n a multiple of W, the clock covers n / W rounds of the workers, as in the steady state."""
-    next(batches)
+    and n a multiple of W, the clock covers n / W rounds of the workers, as in the steady state. ``dataset``: rtl's
+    FolderImages, whose unreadable images arrive as negative labels (named here, as rtl pretrain does)."""
+    _, y = next(batches)
+    if dataset is not None and y.min() < 0:
+        raise dataset.bad_image_error(y)
     seen, t0 = 0, time.perf_counter()
     for _ in range(n):
         _, y = next(batches)
+        if dataset is not None and y.min() < 0:
+            raise dataset.bad_image_error(y)
         seen += len(y)
     return seen / (time.perf_counter() - t0)
 
@@ -426,7 +431,7 @@ def pipeline_alone(cfg, index, device, workers: int, batches: int) -> float:
     sampler = EpochBatches(data, int(rec.batch_size), 0, 1, 1, int(rec.seed))
     dl = loader(data, sampler, workers, int(cfg.runtime.prefetch), device.type == "cuda")
     try:
-        return _time_batches(iter(dl), batches)
+        return _time_batches(iter(dl), batches, data)
     finally:
         del dl  # and with it the iterator that holds the persistent workers: they stop
 
@@ -444,7 +449,12 @@ def plain_loader(cfg, index, device, workers: int, batches: int, mean, std) -> f
     data = ImageFolder(str(index.root / "train"), transform=tf)
     dl = DataLoader(data, batch_size=int(cfg.recipe.batch_size), shuffle=True, num_workers=workers,
                     pin_memory=device.type == "cuda", drop_last=True)
-    return _time_batches(iter(dl), batches)  # the iterator, and its workers, end with the call
+    try:
+        return _time_batches(iter(dl), batches)  # the iterator, and its workers, end with the call
+    except Exception as err:  # noqa: BLE001  (a worker's error arrives re-raised, with its traceback as text)
+        first = str(err).strip().splitlines()
+        reason = next((ln for ln in reversed(first) if ln.strip()), type(err).__name__)
+        raise UserError(f"the plain torchvision loader could not read an image of {index.root}/train: {reason}") from None
 
 
 def model_alone(cfg, num_classes: int, device, precision, warmup: int, steps: int) -> float:

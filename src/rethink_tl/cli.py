@@ -160,6 +160,18 @@ def _bench_pretrain(cfg: DictConfig) -> None:
     print(format_pipeline(row))
 
 
+def _slot_name(name: str) -> str:
+    """A model name (aliases resolved: densenet121 -> dens_f) or an installed folder's name (trunc-resnet18-cut2)."""
+    from .models.registry import canonical_name
+    from .weights import check_slot, weights_slot
+
+    try:
+        canonical = canonical_name(name)
+    except UserError:
+        return check_slot(name)
+    return check_slot(name) if canonical in ("timm", "trunc") else weights_slot({"name": canonical})
+
+
 def _weights(argv: list[str]) -> None:
     from .weights import install, list_installed, remove_installed, weights_home
 
@@ -180,6 +192,9 @@ def _weights(argv: list[str]) -> None:
         from .weights import installed
 
         models = [m.strip() for m in args.models.split(",") if m.strip()]
+        if not models:
+            raise UserError("rtl weights check needs model names, e.g. rtl weights check cbr_small,cbr_tiny")
+        models = [_slot_name(m) for m in models]
         have = [m for m in models if installed(m) is not None]
         missing = [m for m in models if m not in have]
         if missing:
@@ -190,7 +205,7 @@ def _weights(argv: list[str]) -> None:
     elif args.action == "install":
         print(f"installed into {install(args.run_dir, replace=args.replace)}")
     elif args.action == "remove":
-        print(f"removed {remove_installed(args.slot)}")
+        print(f"removed {remove_installed(_slot_name(args.slot))}")
     else:
         rows = list_installed()
         print(f"{weights_home()}: {len(rows)} installed")

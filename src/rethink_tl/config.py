@@ -403,6 +403,9 @@ def _unknown_keys(cfg: DictConfig) -> None:
         if node is None:
             continue
         schema = OmegaConf.get_type(node)
+        if "recipe" in cfg and group in ("init", "train"):
+            raise UserError(f"rtl pretrain has no {group}.* settings: its groups are model, data, recipe and runtime "
+                            "(conf/pretrain.yaml)")
         if not dataclasses.is_dataclass(schema):
             raise UserError(f"the {group} config has no schema: a config file of group {group} must start with "
                             f"'defaults: [base_...]' (see the files in conf/{group}/)")
@@ -457,7 +460,8 @@ def validate(cfg: DictConfig) -> None:
     ``+`` and keys that do not apply. Raises UserError naming the key, the value and what is allowed."""
     extra = [k for k in cfg if k not in GROUPS and k not in ROOT_KEYS]
     if extra:
-        raise UserError(f"unknown key {extra[0]}: the config has the groups {', '.join(GROUPS[:5])}, and "
+        groups = [g for g in GROUPS if g in cfg and cfg[g] is not None]
+        raise UserError(f"unknown key {extra[0]}: the config has the groups {', '.join(groups)}, and "
                         f"{', '.join(ROOT_KEYS[:2])} (put values for interpolations under vars.)")
     _unknown_keys(cfg)
     _finite(cfg)
@@ -485,6 +489,9 @@ def validate(cfg: DictConfig) -> None:
             except ValueError as err:
                 raise UserError(f"data.cutoff_date={cfg.data.cutoff_date} is not a date: write YYYY-MM-DD") from err
     if "recipe" in cfg:
+        if not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", str(cfg.data.name)) or str(cfg.data.name) in (".", ".."):
+            raise UserError(f"data.name={cfg.data.name!r} cannot name the dataset (it is a folder of the run's path): "
+                            "use letters, digits, '_', '-' and '.'")
         if cfg.recipe.warmup_epochs >= cfg.recipe.epochs:
             raise UserError(f"recipe.warmup_epochs={cfg.recipe.warmup_epochs} leaves no epoch after the warm-up: it "
                             f"must be less than recipe.epochs={cfg.recipe.epochs}")

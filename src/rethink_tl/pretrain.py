@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import math
 import os
@@ -35,14 +34,14 @@ from tqdm.auto import tqdm
 
 from . import __version__, atomic_io
 from .config import identity, setting_id, validate
-from .data.imagefolder import EpochBatches, FolderImages, index_folder, loader, val_batches
+from .data.imagefolder import BadImage, EpochBatches, FolderImages, index_folder, loader, val_batches
 from .engine import (Batcher, Precision, configure_device, device_name, maybe_compile, resolve_precision, restore_rng,
                      rng_state, seed_everything)
 from .errors import NotYourRun, UserError
 from .models import build_model, check_image_size
 from .preempt import GracefulStop, Interrupted
 from .train import RunDir, check_resumable
-from .weights import install, sha256_file, weights_slot
+from .weights import install, read_meta, sha256_file, weights_slot
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +294,8 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
 
 def _run(cfg: DictConfig, out: Path, procs: Processes) -> dict[str, Any]:
     settings = settings_of(cfg, procs)
-    run_dir = RunDir(out, settings, bool(cfg.runtime.force), files=RUN_FILES, done=META)
+    run_dir = RunDir(out, settings, bool(cfg.runtime.force), files=RUN_FILES, done=META,
+                     foreign=("results.csv", "metrics.csv", "best.pt"))
 
     def claim_status() -> str:
         run_dir.__enter__()  # only the first process holds the lock and writes
@@ -309,6 +309,7 @@ def _run(cfg: DictConfig, out: Path, procs: Processes) -> dict[str, Any]:
                         "again)", out, meta["val_top1"])
             if procs.main and cfg.runtime.install:
                 install(out, meta)
+                (out / "error.txt").unlink(missing_ok=True)  # an earlier failure to install is mended
             return meta
         s = setup(cfg, procs)
         return _train(cfg, s, run_dir, status)
@@ -318,10 +319,15 @@ def _run(cfg: DictConfig, out: Path, procs: Processes) -> dict[str, Any]:
 
 
 def _read_meta(out: Path) -> dict[str, Any]:
+    """A finished run's weights.json, and its weights.pth checked against it."""
     try:
-        return json.loads((out / META).read_text())
-    except (OSError, ValueError) as err:
-        raise NotYourRun(f"{out / META} is damaged ({err}): run it again from scratch with runtime.force=true") from err
+        meta = read_meta(out / META)
+    except UserError as err:
+        raise NotYourRun(f"{err}: run it again from scratch with runtime.force=true") from None
+    if not (out / WEIGHTS).is_file() or sha256_file(out / WEIGHTS) != meta["sha256"]:
+        raise NotYourRun(f"{out / WEIGHTS} is missing or does not match the sha256 in {out / META}: run it again "
+                         "from scratch with runtime.force=true")
+    return meta
 
 
 def _train(cfg: DictConfig, s: Setup, run_dir: RunDir, status: str) -> dict[str, Any]:
@@ -374,7 +380,13 @@ def _train(cfg: DictConfig, s: Setup, run_dir: RunDir, status: str) -> dict[str,
                 state.progress.lr = optimizer.param_groups[0]["lr"]
             lr = state.progress.lr
             t0 = time.perf_counter()
-            done = _train_epoch(s, train_loader, optimizer, scheduler, loss_fn, state.progress, stop, rc.progress)
+            try:
+                done = _train_epoch(s, train_loader, optimizer, scheduler, loss_fn, state.progress, stop,
+                                    rc.progress)
+            except BadImage:
+                if procs.world == 1:  # (the other processes of a distributed run cannot join a save now)
+                    save_last()  # the steps before the bad batch are kept: fix the file and run again to go on
+                raise
             if s.device.type == "cuda":
                 torch.cuda.synchronize(s.device)
             seconds = time.perf_counter() - t0
@@ -388,7 +400,12 @@ def _train(cfg: DictConfig, s: Setup, run_dir: RunDir, status: str) -> dict[str,
                     raise Interrupted(stop.signum, message)
                 continue
             loss_sum, seen = procs.sum([state.progress.loss_sum, float(state.progress.seen)], s.device)
-            val = _validate(s, val_loader, loss_fn)
+            try:
+                val = _validate(s, val_loader, loss_fn)
+            except BadImage:
+                if procs.world == 1:
+                    save_last()  # the epoch's training is kept: the rerun only validates it
+                raise
             state.history.append({"epoch": epoch, "lr": lr, "train_loss": loss_sum / max(seen, 1), **val,
                                   "images": int(seen), "seconds": round(seconds, 3),
                                   "img_per_s": round(seen / seconds, 1) if seconds > 0 else float("nan")})
@@ -433,10 +450,14 @@ def _train_epoch(s: Setup, train_loader, optimizer, scheduler, loss_fn, progress
     bar = tqdm(total=steps, initial=progress.step, desc=f"epoch {progress.epoch}", leave=False,
                disable=not (show_bar and s.procs.main))
     micro = 0
+    kept = (progress.loss_sum, progress.seen)  # the sums at the last whole step, what a save may record
     for images, labels in train_loader:
         if stop.requested and micro == 0:
             break
         if labels.min() < 0:
+            progress.loss_sum = float(total if micro == 0 else kept[0])
+            if micro:  # in the middle of an accumulated step: back to the last whole one
+                progress.seen = kept[1]
             raise s.train_set.bad_image_error(labels)
         x = s.batcher(images)
         y = s.batcher.to_device(labels)
@@ -463,6 +484,8 @@ def _train_epoch(s: Setup, train_loader, optimizer, scheduler, loss_fn, progress
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         progress.step += 1
+        if acc > 1:
+            kept = (total.clone(), progress.seen)
         bar.update(1)
     bar.close()
     bad = int(first_bad)

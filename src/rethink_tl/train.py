@@ -64,9 +64,10 @@ class RunDir:
     """
 
     def __init__(self, path: Path, settings: dict[str, Any], force: bool, files: tuple[str, ...] = RUN_FILES,
-                 done: str = "results.csv"):
+                 done: str = "results.csv", foreign: tuple[str, ...] = ("weights.json", "pretrain.csv")):
         self.path, self.settings, self.force = path, settings, force
         self.files, self.done = files, done  # what this kind of run writes, and the file that marks it finished
+        self.foreign = foreign  # files of the other kind of run (rtl train / rtl pretrain): never mixed
         self.claimed = False
         self.lock = FileLock(str(path / ".rtl.lock"))
 
@@ -84,6 +85,11 @@ class RunDir:
 
     def status(self) -> str:
         """``finished``, ``resume`` or ``new``; raises UserError when the folder holds other settings."""
+        other = [name for name in self.foreign if (self.path / name).exists()]
+        if other:
+            kind = "an rtl pretrain" if "weights.json" in other or "pretrain.csv" in other else "an rtl train"
+            raise NotYourRun(f"{self.path} holds {kind} run ({', '.join(other)}), not one of this kind: give this "
+                             "run another output folder (hydra.run.dir=...)")
         stored_path = self.path / "identity.json"
         has_run = any((self.path / name).exists() for name in self.files if name not in ("identity.json", "config.yaml",
                                                                                          "error.txt"))
@@ -190,6 +196,11 @@ def setup(cfg: DictConfig) -> Setup:
 def check_resumable(state: dict[str, Any], fingerprint: str, precision: Precision, source: Path) -> None:
     """The settings matched (RunDir.status); these two can still differ: the data files changed under the same
     config, or the GPU resolves runtime.amp=auto differently. (rtl train and rtl pretrain checkpoints.)"""
+    keys = ("data_fingerprint", "precision", "model", "optimizer")
+    missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
+    if missing:
+        raise UserError(f"{source} is not a checkpoint of this kind of run (no {', '.join(missing)}): delete it to "
+                        "start the run over, or use runtime.force=true")
     if state["data_fingerprint"] != fingerprint:
         raise UserError(f"{source} was trained on other data (fingerprint {state['data_fingerprint']}, now "
                         f"{fingerprint}: images, labels or file names changed): start over with runtime.force=true")
@@ -391,21 +402,27 @@ def score_best(cfg: DictConfig, s: Setup, state: TrainState, settings: dict[str,
 # --- one run ----------------------------------------------------------------------------------------
 
 def _same_installed_weights(cfg: DictConfig, row: dict[str, Any], path: Path) -> None:
-    """A finished run is skipped only if init=pretrained would still start from its weights: installing (or
-    removing) rtl pretrain weights for the model since then changes what the same settings mean."""
+    """A finished run is skipped only if init=pretrained would still start from its weights: installing,
+    replacing or removing rtl pretrain weights for the model (or another RTL_WEIGHTS) since then changes what
+    the same settings mean."""
     if str(cfg.init.name) != "pretrained" or cfg.init.weights:
         return
-    now = installed(weights_slot(cfg.model))
+    slot = weights_slot(cfg.model)
+    now = installed(slot)
     used, used_sha = str(row.get("weights", "")), str(row.get("weights_sha256", "") or "")
+    used_sha = "" if used_sha == "nan" else used_sha
+    was_installed = Path(used).name == "weights.pth" and Path(used).parent.name == slot
+    again = "run it again with runtime.force=true, or give init.weights=PATH to the file it used"
     if now is not None:
         now_path, meta = now
-        if used != str(now_path) or (used_sha not in ("", "nan") and used_sha != meta.get("sha256")):
-            raise NotYourRun(f"{path} finished with the weights {used}, but init=pretrained now finds {now_path} "
-                             f"(sha256 {str(meta.get('sha256'))[:12]}, installed since): run it again with "
-                             "runtime.force=true, or keep it by passing its file as init.weights")
-    elif used.startswith(str(weights_home())):
-        raise NotYourRun(f"{path} finished with the installed weights {used}, which are no longer installed: "
-                         "reinstall them (rtl weights install RUN_DIR) or run it again with runtime.force=true")
+        if used != str(now_path) or (used_sha and used_sha != meta["sha256"]):
+            was = f"{used} (sha256 {used_sha[:12]})" if used_sha else used
+            raise NotYourRun(f"{path} finished with the weights {was}, but init=pretrained now finds {now_path} "
+                             f"(sha256 {meta['sha256'][:12]}), installed since: {again}")
+    elif was_installed:
+        raise NotYourRun(f"{path} finished with the installed weights {used}, but none are installed for {slot} in "
+                         f"{weights_home()} now (RTL_WEIGHTS): reinstall them (rtl weights install RUN_DIR), or "
+                         f"{again}")
 
 
 def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
@@ -416,13 +433,13 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
         status = run_dir.status()
         results_path = run_dir.path / "results.csv"
         if status == "finished":
-            log.warning("%s: finished with the same settings, skipping (runtime.force=true runs it again)",
-                        run_dir.path)
             try:
                 row = read_run(run_dir.path).row
             except BrokenRun as err:
                 raise NotYourRun(f"{err}; run it again from scratch with runtime.force=true") from err
             _same_installed_weights(cfg, row, run_dir.path)
+            log.warning("%s: finished with the same settings, skipping (runtime.force=true runs it again)",
+                        run_dir.path)
             return row
 
         s = setup(cfg)

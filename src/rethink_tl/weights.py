@@ -97,8 +97,16 @@ def weights_home() -> Path:
     """Where ``rtl pretrain`` installs weights and ``init=pretrained`` finds them: $RTL_WEIGHTS, else
     $XDG_CACHE_HOME/rethink_tl/weights (``~/.cache/rethink_tl/weights``)."""
     if os.environ.get("RTL_WEIGHTS"):
-        return Path(os.path.expanduser(os.environ["RTL_WEIGHTS"]))
+        home = Path(os.path.expanduser(os.environ["RTL_WEIGHTS"]))
+        if home.exists() and not home.is_dir():
+            raise UserError(f"RTL_WEIGHTS={home} is a file, not a folder: point RTL_WEIGHTS at a folder (or unset it "
+                            "for ~/.cache/rethink_tl/weights)")
+        return home
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rethink_tl" / "weights"
+
+
+_SLOT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+META_KEYS = ("slot", "sha256", "dataset", "num_classes", "image_size", "epochs", "val_top1", "run_dir")
 
 
 def weights_slot(model_cfg: Mapping[str, Any]) -> str:
@@ -115,6 +123,13 @@ def weights_slot(model_cfg: Mapping[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
+def check_slot(slot: str) -> str:
+    """A model's weights folder name, never a path: ``rtl weights remove ../x`` must not reach outside."""
+    if not _SLOT.match(slot) or slot in (".", ".."):
+        raise UserError(f"{slot!r} is not a model name (e.g. cbr_small; rtl weights list shows what is installed)")
+    return slot
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -123,51 +138,73 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def read_meta(path: Path) -> dict[str, Any]:
+    """A weights.json, checked for the keys the rest of rtl reads; UserError when it is damaged."""
+    try:
+        meta = json.loads(path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+        missing = [k for k in META_KEYS if k not in meta]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is missing or damaged ({err})") from err
+    return meta
+
+
 def installed(slot: str) -> tuple[Path, dict[str, Any]] | None:
     """(weights.pth, weights.json content) installed for ``slot``, or None."""
-    folder = weights_home() / slot
-    path, meta_path = folder / "weights.pth", folder / "weights.json"
+    folder = weights_home() / check_slot(slot)
+    path = folder / "weights.pth"
     if not path.is_file():
         return None
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"{meta_path} is missing or damaged ({err}): install the weights again with "
-                        f"rtl weights install RUN_DIR --replace, or delete {folder}") from err
-    return path, meta
+        return path, read_meta(folder / "weights.json")
+    except UserError as err:
+        raise UserError(f"{err}: install the weights again with rtl weights install RUN_DIR --replace, or remove "
+                        f"them with rtl weights remove {slot}") from None
 
 
 def install(run_dir: str | os.PathLike, meta: dict[str, Any] | None = None, replace: bool = False) -> Path:
     """Copy a finished pretraining's weights.pth and weights.json into ``weights_home()/<slot>``, atomically.
 
-    An empty slot, or one holding the same file, takes it. A slot holding other weights is replaced only with
-    ``replace``: the runs made from the old file would otherwise no longer match what init=pretrained finds."""
+    An empty slot, or one holding the same file, takes it. A slot holding other weights (or damaged ones) is
+    replaced only with ``replace``: the runs made from the old file would otherwise no longer match what
+    init=pretrained finds."""
     from . import atomic_io
 
     run_dir = Path(run_dir)
-    src, meta_src = run_dir / "weights.pth", run_dir / "weights.json"
+    src = run_dir / "weights.pth"
     if meta is None:
-        if not meta_src.is_file() or not src.is_file():
+        if not (run_dir / "weights.json").is_file() or not src.is_file():
             raise UserError(f"{run_dir} holds no finished pretraining (weights.pth and weights.json): run rtl pretrain "
                             "to the end first")
-        try:
-            meta = json.loads(meta_src.read_text())
-        except ValueError as err:
-            raise UserError(f"{meta_src} is damaged ({err})") from err
+        meta = read_meta(run_dir / "weights.json")
+    slot = check_slot(str(meta["slot"]))
     if sha256_file(src) != meta["sha256"]:
-        raise UserError(f"{src} does not match the sha256 in {meta_src}: the file changed after the pretraining "
-                        "wrote it; run the pretraining again with runtime.force=true")
-    folder = weights_home() / meta["slot"]
-    have = installed(meta["slot"]) if (folder / "weights.pth").exists() else None
-    if have is not None and have[1].get("sha256") != meta["sha256"] and not replace:
-        raise UserError(f"{folder} already holds other {meta['slot']} weights (sha256 {have[1].get('sha256', '?')[:12]}, "
-                        f"from {have[1].get('run_dir', '?')}), so {run_dir} was not installed; to replace them: "
-                        f"rtl weights install {run_dir} --replace")
-    if have is None or have[1].get("sha256") != meta["sha256"]:
-        atomic_io.write_bytes(folder / "weights.pth", src.read_bytes())
-    atomic_io.write_json(meta, folder / "weights.json")
-    log.info("installed %s weights (val top-1 %.4f) into %s; init=pretrained uses them", meta["slot"],
-             meta["val_top1"], folder)
+        raise UserError(f"{src} does not match the sha256 in {run_dir / 'weights.json'}: the file changed after the "
+                        "pretraining wrote it; run the pretraining again with runtime.force=true")
+    folder = weights_home() / slot
+    target = folder / "weights.pth"
+    # What is there now, judged by the file itself (a damaged copy or record is "other weights").
+    there = sha256_file(target) if target.is_file() else None
+    try:
+        recorded = read_meta(folder / "weights.json")["sha256"] if there else None
+    except UserError:
+        recorded = None
+    if there is not None and (there != meta["sha256"] or recorded != meta["sha256"]) and not replace:
+        raise UserError(f"{folder} already holds other {slot} weights (sha256 {there[:12]}), so {run_dir} was not "
+                        f"installed; to replace them: rtl weights install {run_dir} --replace")
+    try:
+        if there != meta["sha256"]:
+            atomic_io.write_bytes(target, src.read_bytes())
+        atomic_io.write_json(meta, folder / "weights.json")
+    except UserError as err:
+        raise UserError(f"could not install into {folder} (RTL_WEIGHTS): {str(err).split(': ', 1)[-1].split(';')[0]}; "
+                        f"set RTL_WEIGHTS to a writable folder and run rtl weights install {run_dir} (the pretraining "
+                        "itself is finished)") from err
+    log.info("installed %s weights (val top-1 %.4f) into %s; init=pretrained uses them", slot, meta["val_top1"],
+             folder)
     return folder
 
 
@@ -177,15 +214,15 @@ def list_installed() -> list[dict[str, Any]]:
     for folder in sorted(home.iterdir()) if home.is_dir() else []:
         if (folder / "weights.pth").is_file():
             try:
-                meta = json.loads((folder / "weights.json").read_text())
-            except (OSError, ValueError):
+                meta = read_meta(folder / "weights.json")
+            except UserError:
                 meta = {"slot": folder.name, "damaged": True}
             rows.append({**meta, "path": str(folder / "weights.pth")})
     return rows
 
 
 def remove_installed(slot: str) -> Path:
-    folder = weights_home() / slot
+    folder = weights_home() / check_slot(slot)
     if not (folder / "weights.pth").is_file():
         raise UserError(f"no weights installed for {slot} in {weights_home()} (rtl weights list shows what is)")
     shutil.rmtree(folder)

@@ -16,6 +16,7 @@ same global batch all see the same crops.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
-from torchvision.datasets.folder import find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import RandomResizedCrop
 
@@ -37,8 +38,13 @@ from ..errors import UserError
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
 
-EXTENSIONS = (".jpg", ".jpeg", ".png")  # compared lower-case: ImageNet's .JPEG too
+# What torchvision's ImageFolder reads (IMG_EXTENSIONS), compared lower-case (ImageNet's .JPEG too); .jpe and
+# .jfif beside them. Other files (README.txt, .DS_Store) are left out, counted and named in the log.
+EXTENSIONS = tuple(sorted(set(IMG_EXTENSIONS) | {".jpe", ".jfif"}))
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect ratios (Szegedy et al. 2015)
+
+
+log = logging.getLogger(__name__)
 
 
 class BadImage(UserError):
@@ -97,12 +103,43 @@ def index_folder(root: Any) -> FolderIndex:
     to_index = {c: i for i, c in enumerate(names)}
     samples = {}
     for split in ("train", "val"):
+        _refuse_linked_folders(root / split, names)
+        skipped: list[str] = []
+
+        def is_image(path: str, skipped=skipped) -> bool:
+            if path.lower().endswith(EXTENSIONS):
+                return True
+            skipped.append(path)
+            return False
+
         try:
-            samples[split] = make_dataset(str(root / split), to_index, extensions=EXTENSIONS)
+            samples[split] = make_dataset(str(root / split), to_index, is_valid_file=is_image)
         except FileNotFoundError as err:  # torchvision names the class folders without any image
             raise UserError(f"{root / split}: {str(err).splitlines()[0]} (images must end in "
                             f"{', '.join(EXTENSIONS)}, any case)") from None
+        if skipped:
+            log.warning("%s: %d file(s) are not images by their extension and are left out, e.g. %s", root / split,
+                        len(skipped), ", ".join(os.path.relpath(p, root) for p in skipped[:3]))
     return FolderIndex(root, names, samples["train"], samples["val"])
+
+
+def _refuse_linked_folders(folder: Path, classes: list[str]) -> None:
+    """torchvision follows symbolic links to folders: a link inside a class folder (to itself: the same images
+    many times over; to another class: the same images under two labels) would change the data without a word.
+    A class folder that is itself a link (to another disk) is fine, unless two of them lead to one folder."""
+    real: dict[str, str] = {}
+    for name in classes:
+        target = os.path.realpath(folder / name)
+        if target in real:
+            raise UserError(f"{folder}/{name} and {folder}/{real[target]} are the same folder ({target}): each class "
+                            "needs its own images")
+        real[target] = name
+        for dirpath, dirnames, _ in os.walk(folder / name):  # links are listed, not followed
+            links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+            if links:
+                raise UserError(f"{os.path.join(dirpath, links[0])} is a link to a folder inside a class folder: "
+                                "rtl pretrain does not follow such links (they repeat images or give them a second "
+                                "class); copy the images or link the files instead")
 
 
 def read_rgb(path: str) -> torch.Tensor:
