@@ -16,7 +16,7 @@ Each check ends PASS or FAIL with its numbers, in one Markdown table at the end 
   kill / resume      rtl train killed with SIGKILL as soon as epoch 1's last.pt exists, then run again: its
                      metrics.csv and test metrics equal an uninterrupted run's (cuDNN deterministic, no autotuning).
   rtl pretrain       one epoch of rtl pretrain model=cbr_small (224 px, batch 64, AMP) on a generated ImageFolder of
-                     512 JPEGs of about 500x375, then rtl bench-pretrain on it with 8 workers: (p), (n), (m), loop.
+                     1,024 JPEGs of about 500x375, then rtl bench-pretrain on it with 8 workers: (p), (n), (m), loop.
 Exit status: 0 every check passed, 1 one failed, 2 no GPU.
 
 --cpu-dry-run runs the checks that need no GPU (train in bf16, kill / resume) on the CPU at toy sizes: it tests
@@ -257,7 +257,7 @@ def pretrain_check(device: str, out: Path, dry: bool) -> Check:
     from rethink_tl.data.folder_gen import make_imagefolder
 
     name = "rtl pretrain cbr_small 1 epoch + bench-pretrain"
-    per_class = 8 if dry else 64
+    per_class = 8 if dry else 128  # bench-pretrain reads 1 + bench.batches batches of one epoch
     folder = make_imagefolder(out / "imagefolder", train_per_class=per_class, val_per_class=max(2, per_class // 8),
                               sizes=((500, 375), (375, 500), (500, 333)))
     size, batch = (121, 16) if dry else (224, 64)
@@ -272,7 +272,8 @@ def pretrain_check(device: str, out: Path, dry: bool) -> Check:
     if proc.returncode != 0:
         return Check(name, False, f"pretrain exit {proc.returncode}: {last_error(proc.stderr)}")
     hist, meta = pd.read_csv(run_dir / "pretrain.csv"), json.loads((run_dir / "weights.json").read_text())
-    proc = rtl(["bench-pretrain", *common, "bench.batches=8", "bench.steps=20", "runtime.workers=8",
+    proc = rtl(["bench-pretrain", *common, f"bench.batches={2 if dry else 8}", f"bench.steps={2 if dry else 20}",
+                f"runtime.workers={1 if dry else 8}",
                 f"hydra.run.dir={out / 'bench_pretrain'}"])
     if proc.returncode != 0:
         return Check(name, False, f"bench-pretrain exit {proc.returncode}: {last_error(proc.stderr)}")
