@@ -56,3 +56,23 @@ def tiny_cfg():
         return compose_cfg(TINY + list(extra))
 
     return make
+
+
+def train_tiny(out_dir, *extra):
+    """One finished tiny run in ``out_dir`` (about 1 s on a 2-core CPU): results.csv, best.pt and
+    predictions.csv.gz, as rtl train writes them. Returns its results row."""
+    from rethink_tl.train import run
+
+    return run(compose_cfg(TINY + list(extra)), out_dir)
+
+
+def fails_in_one_line(capsys, argv) -> str:
+    """Run ``rtl ARGV`` in-process; it must exit 2 with exactly one ``rtl: error:`` line on stderr (returned)."""
+    from rethink_tl.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(list(map(str, argv)))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rtl: error: "), err
+    return err[0]

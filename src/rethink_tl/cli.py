@@ -3,8 +3,13 @@
     rtl train [OVERRIDES]        one run, e.g. rtl train model=dens_t1 init=pretrained
     rtl train -m [OVERRIDES]     a sweep, e.g. rtl train -m model=dens_t1,dens_f init=random,pretrained
     rtl data [OVERRIDES]         the split a run would train on (rule, images, class balance), no image read
-    rtl report DIR               gather every run below DIR into DIR/summary.csv and summary.md
-                                 (--figure figN, --metric auroc,auprc,auprc_trapz, --out DIR)
+    rtl report DIR               gather every run below DIR into DIR/summary.csv and summary.md, with 95% bootstrap
+                                 intervals and paired comparisons (comparisons.csv); --figure figN,
+                                 --metric auroc,auprc,auprc_trapz, --compare A B, --resamples N, --seed S, --out DIR
+    rtl evaluate RUN_DIR [OVERRIDES] [--map M=D]   score a finished run (or every run of a sweep) on another
+                                 dataset, e.g. data=csv data.csv=other.csv: RUN_DIR/external/<name>/
+    rtl predict RUN_DIR IMAGES   per-label probabilities of a trained model for a folder or CSV of images
+    rtl explain RUN_DIR [--label L] [--n N]   Grad-CAM maps of the best checkpoint on test images
     rtl bench [OVERRIDES]        images/s of the bare model step, the rtl loop and a naive loop
     rtl pretrain [OVERRIDES]     ImageNet-style pretraining on an ImageFolder tree, e.g.
                                  rtl pretrain model=cbr_small data.root=/data/imagenet (torchrun for several GPUs);
@@ -312,10 +317,19 @@ def _report(argv: list[str]) -> None:
                         help="the metrics of the tables and of the figure's rows of panels, comma-separated, from "
                         "auroc, auprc (average precision) and auprc_trapz (trapezoid PR area, as the paper's authors' "
                         "code computes it); default auroc,auprc. summary.csv always has every recorded metric")
+    parser.add_argument("--compare", nargs=2, action="append", metavar=("A", "B"), default=[],
+                        help="also compare setting A with B (MODEL/INIT, e.g. dens_t1/pretrained dens_f/random) at every "
+                        "dataset and fraction that has both: paired difference, 95%% interval, p-values; repeatable. "
+                        "TL vs RI and truncated/slim vs full TL are always compared")
+    parser.add_argument("--resamples", type=int, default=2000, metavar="N",
+                        help="bootstrap resamples of the test images for intervals and comparisons (default 2000; "
+                        "0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples (default 0)")
     args = parser.parse_args(argv)
     metrics = tuple(m.strip() for m in args.metric.split(","))
     try:
-        done = report(args.dir, figure=args.figure, out=args.out, note=args.note, metrics=metrics)
+        done = report(args.dir, figure=args.figure, out=args.out, note=args.note, metrics=metrics,
+                      compare=args.compare, resamples=args.resamples, seed=args.seed)
     except UserError as err:
         _fail(str(err))
     print(done.text)
@@ -383,6 +397,21 @@ def _main(argv: list[str] | None = None) -> None:
             _fail(str(err))
         except OSError as err:
             _fail(f"{err.filename or ''}: {err.strerror or err}")
+    elif command in ("evaluate", "predict", "explain"):
+        import importlib
+
+        module = importlib.import_module(f".{command}", __package__)
+        try:
+            module.main(rest)
+        except UserError as err:
+            _fail(str(err))
+        except (HydraException, OmegaConfBaseException) as err:
+            _fail(_hydra_message(err))
+        except BrokenPipeError:
+            raise
+        except OSError as err:
+            where = f" {err.filename}" if err.filename else ""
+            _fail(f"cannot read or write{where}: {err.strerror or err}")
     elif command == "report":
         try:
             _report(rest)
@@ -392,7 +421,7 @@ def _main(argv: list[str] | None = None) -> None:
             where = f" {err.filename}" if err.filename else ""
             _fail(f"cannot write{where}: {err.strerror or err}; choose a writable folder with --out")
     else:
-        _fail(f"unknown command '{command}': use one of train, data, report, bench, pretrain, bench-pretrain, weights (rtl --help)")
+        _fail(f"unknown command '{command}': use one of train, data, report, evaluate, predict, explain, bench, pretrain, bench-pretrain, weights (rtl --help)")
 
 
 if __name__ == "__main__":

@@ -206,9 +206,18 @@ def tl_vs_ri(summary: pd.DataFrame, models: list[str] | None, note: str, metrics
                                f"test {name}", fraction_title(fraction))
             lows.append(lo)
             highs.append(hi)
+            top = (mean + std.fillna(0.0)).max(axis=1).to_numpy(dtype=float)
+            for x, model in enumerate(models):
+                mark = tl_ri_stars(model, fraction, metric)
+                if mark and np.isfinite(top[x]):
+                    axes[i, j].annotate(mark, (x, top[x]), xytext=(0, 2), textcoords="offset points",
+                                        ha="center", va="bottom", fontsize=11)
+                    highs[-1] = max(highs[-1], top[x] + 0.02)
         _zoom(axes[i], lows, highs)
     legend_below(fig, axes[0, 0], "init")
-    return finish(fig, title, summary, note)
+    stars_note = ("* TL and RI differ: paired bootstrap over test images, * p<0.05, ** p<0.01, *** p<0.001"
+                  if not _MARKS.empty else "")
+    return finish(fig, title, summary, "; ".join(x for x in (note, stars_note) if x))
 
 
 def fig4(summary: pd.DataFrame, models: list[str] | None = None, note: str = "",
@@ -382,7 +391,35 @@ def has_metric(name: str, summary: pd.DataFrame, metric: str) -> None:
 
 
 def draw(name: str, summary: pd.DataFrame, out_dir: str | Path, models: list[str] | None = None,
-         note: str = "", metrics: tuple[str, ...] = DEFAULT_METRICS) -> list[Path]:
+         note: str = "", metrics: tuple[str, ...] = DEFAULT_METRICS,
+         comparisons: pd.DataFrame | None = None) -> list[Path]:
+    """Draw figure ``name``; with ``comparisons`` (rtl report's paired tests), TL vs RI bars carry stars."""
+    global _MARKS
+    _MARKS = comparisons if comparisons is not None else pd.DataFrame()
+    try:
+        return _draw(name, summary, out_dir, models, note, metrics)
+    finally:
+        _MARKS = pd.DataFrame()
+
+
+# The comparisons of the figure being drawn (draw sets it): TL vs RI panels mark significant differences.
+_MARKS = pd.DataFrame()
+
+
+def tl_ri_stars(model: str, fraction: float, metric: str) -> str:
+    """``*`` / ``**`` / ``***`` when rtl report's paired bootstrap finds TL and RI of this model differ."""
+    from .compare import stars
+
+    c = _MARKS
+    if c.empty:
+        return ""
+    hit = c[(c["comparison"] == "TL vs RI") & (c["a_model"] == model) & np.isclose(c["fraction"], fraction)
+            & (c["metric"] == metric)]
+    return stars(float(hit["p_bootstrap"].iloc[0])) if len(hit) == 1 else ""
+
+
+def _draw(name: str, summary: pd.DataFrame, out_dir: str | Path, models: list[str] | None = None,
+          note: str = "", metrics: tuple[str, ...] = DEFAULT_METRICS) -> list[Path]:
     if name not in FIGURES:
         raise UserError(f"no figure {name!r}: choose one of fig2, {', '.join(FIGURES)}")
     unknown = [m for m in metrics if m not in METRIC_NAMES]

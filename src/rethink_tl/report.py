@@ -37,8 +37,9 @@ from omegaconf import OmegaConf
 
 from .atomic_io import write_bytes, write_csv
 from .errors import UserError
-from .results import (CELL, GROUP, PROVENANCE, SAME_WITHIN_GROUP, BrokenRun, Run, is_metric, label_names,
-                      read_run, run_dirs)
+from .results import (CELL, EXTERNAL_MARK, GROUP, PROVENANCE, RESULTS_FILE, SAME_WITHIN_GROUP, BrokenRun, Run,
+                      is_metric, label_names, read_run, run_dirs)
+from .stats import RESAMPLES, SEED
 
 # The metrics' names in tables and figures; the first two are what tables and figures show by default.
 METRIC_NAMES = {"auroc": "AUROC", "auprc": "AUPRC", "auprc_trapz": "AUPRC (trapezoid)"}
@@ -199,6 +200,8 @@ def summarise(runs: pd.DataFrame, settings: dict[str, dict | None] | None = None
     group_settings = [_setting_of(d, runs, settings or {}) for d in dirs] if dirs is not None \
         else [{} for _ in range(len(out))]
     out.insert(len(GROUP), "settings", setting_labels(out, group_settings))
+    if dirs is not None:  # the run folders of each row (for the intervals); not written to summary.csv
+        out["run_dirs"] = list(dirs)
     return out.drop(columns="_key").sort_values([*GROUP, "settings"], kind="stable", ignore_index=True)
 
 
@@ -208,10 +211,11 @@ def settings_varying(summary: pd.DataFrame) -> list[str]:
     return sorted(keys)
 
 
-def _fmt(mean: float, std: float) -> str:
+def _fmt(mean: float, std: float, low: float = np.nan, high: float = np.nan) -> str:
     if np.isnan(mean):
         return "-"
-    return f"{mean:.3f}" if np.isnan(std) else f"{mean:.3f} ± {std:.3f}"
+    text = f"{mean:.3f}" if np.isnan(std) else f"{mean:.3f} ± {std:.3f}"
+    return text if np.isnan(low) else f"{text} [{low:.3f}, {high:.3f}]"
 
 
 def _with_settings(summary: pd.DataFrame) -> bool:
@@ -230,7 +234,8 @@ def markdown(summary: pd.DataFrame, metrics: tuple[str, ...] = DEFAULT_METRICS) 
             + f"n | params | {names} |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for _, r in summary.iterrows():
-        cells = [_fmt(r.get(f"{c}_mean", np.nan), r.get(f"{c}_std", np.nan)) for c in cols]
+        cells = [_fmt(r.get(f"{c}_mean", np.nan), r.get(f"{c}_std", np.nan), r.get(f"{c}_ci_low", np.nan),
+                      r.get(f"{c}_ci_high", np.nan)) for c in cols]
         lines.append(f"| {r.dataset} | {r.model} | {r.init} | {r.strategy} | {r.fraction:g} | "
                      + (f"{r.settings} | " if show else "") + f"{r.n} | {r.params / 1e6:.2f}M | "
                      + " | ".join(cells) + " |")
@@ -353,11 +358,19 @@ def _broken_items(broken: list[BrokenRun], root: Path) -> list[str]:
 
 
 def report(root: str | Path, figure: str | None = None, out: str | Path | None = None, note: str = "",
-           metrics: tuple[str, ...] = DEFAULT_METRICS) -> Report:
-    """Write summary.csv, summary.md and (for a paper experiment) the figure into ``out`` (default
-    ``root``); return the text to print and what was left out. ``metrics`` are the columns of the tables
-    and the rows of panels of the figure (summary.csv has every metric the runs recorded)."""
+           metrics: tuple[str, ...] = DEFAULT_METRICS, compare: list[tuple[str, str]] | None = None,
+           resamples: int = RESAMPLES, seed: int = SEED) -> Report:
+    """Write summary.csv, summary.md, comparisons.csv and (for a paper experiment) the figure into ``out``
+    (default ``root``); return the text to print and what was left out. ``metrics`` are the columns of the
+    tables and the rows of panels of the figure (summary.csv has every metric the runs recorded).
+    ``resamples`` bootstrap resamples (0: no intervals, no comparisons) drawn from ``seed``; ``compare`` adds
+    comparisons of MODEL/INIT pairs to the paper's (compare.py)."""
     metrics = tuple(metrics)
+    compare = [tuple(pair) for pair in (compare or [])]
+    if resamples < 0 or (0 < resamples < 100):
+        raise UserError(f"--resamples {resamples}: use 0 (no intervals) or at least 100 (2000 is the default)")
+    if compare and not resamples:
+        raise UserError("--compare needs bootstrap resamples: drop --resamples 0")
     unknown = [m for m in metrics if m not in METRIC_NAMES]
     if unknown or not metrics or len(set(metrics)) != len(metrics):
         what = ("an empty item" if "" in unknown else f"{','.join(repr(m) for m in unknown)} unknown" if unknown else
@@ -409,8 +422,15 @@ def report(root: str | Path, figure: str | None = None, out: str | Path | None =
     runs, duplicates = drop_duplicate_seeds(runs)
     lacking = lacking_metric(runs, metrics)
     summary = summarise(runs, found.settings)
+    ev = None
+    if resamples:
+        from .compare import check_asked, evidence
+
+        check_asked(summary, compare)
+        ev = evidence(summary, runs, root, compare, resamples, seed)
+        summary = ev.summary
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(summary, out / "summary.csv")
+    write_csv(summary.drop(columns="run_dirs"), out / "summary.csv")
 
     tables = [markdown(summary, metrics)]
     if len(label_names(summary.columns, "_mean")) > 1:
@@ -419,6 +439,33 @@ def report(root: str | Path, figure: str | None = None, out: str | Path | None =
                           + markdown_per_label(summary, metric))
 
     problems = []
+    external, ext_notes = external_results(root, runs, summary)
+    ext_ev = None
+    if not external.empty:
+        if resamples:
+            from .compare import evidence
+
+            ext_ev = evidence(external, external_runs(root, runs), root, compare, resamples, seed, split="external")
+            external = ext_ev.summary
+        write_csv(external.drop(columns="run_dirs"), out / "external.csv")
+        tables.append("\nexternal validation (rtl evaluate: each run's best checkpoint scored on another dataset; "
+                      "also in external.csv)\n\n" + markdown_external(external))
+    notes += [(f"WARNING: {n}", []) for n in ext_notes]
+    problems += [f"external results {n}" for n in ext_notes]
+    if ev is not None:
+        from .compare import markdown as comparisons_markdown, method_note
+
+        both = [e.comparisons for e in (ev, ext_ev) if e is not None and not e.comparisons.empty]
+        comparisons = pd.concat(both, ignore_index=True) if both else pd.DataFrame()
+        write_csv(comparisons, out / "comparisons.csv")
+        if not comparisons.empty:
+            tables.append("\ncomparisons (paired, over the test images; also in comparisons.csv)\n\n"
+                          + comparisons_markdown(comparisons))
+        tables.append("\n" + method_note(resamples, seed, ev.unit))
+        for e in (ev, ext_ev):
+            if e is not None:
+                notes += [(n, []) for n in e.notes]
+                problems += e.problems
     names = [_rel(u.path, root) for u in unfinished]
     done = f"{len(runs)} finished runs in {len(summary)} settings"
     notes.insert(0, (done + (f"; {len(names)} unfinished (no results.csv): " if names else ""), names))
@@ -455,7 +502,8 @@ def report(root: str | Path, figure: str | None = None, out: str | Path | None =
         try:
             if lacking:
                 raise SkipFigure
-            paths = draw_figure(figure, summary, out, plan.models, fig_note, metrics)
+            paths = draw_figure(figure, summary, out, plan.models, fig_note, metrics,
+                                None if ev is None else ev.comparisons)
             notes.append(("figure: " + ", ".join(str(p) for p in paths), []))
         except SkipFigure:
             pass
@@ -470,6 +518,75 @@ def report(root: str | Path, figure: str | None = None, out: str | Path | None =
     write_bytes(out / "summary.md", ("\n".join(tables) + "\n\n"
                                      + "\n\n".join(h + ", ".join(items) for h, items in notes) + "\n").encode())
     return Report("\n".join(tables) + "\n\n" + "\n".join(h + short(items) for h, items in notes), problems)
+
+
+EXTERNAL_KEY = ["trained_on", "dataset", "model", "init", "strategy", "fraction", "setting_id"]
+
+
+def external_results(root: Path, runs: pd.DataFrame, summary: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """rtl evaluate's results of the reported runs (<run>/external/<name>/results.csv), one row per source setting
+    and external dataset: mean and sd over seeds, like the summary; and why any were left out (a file that cannot
+    be read, or results of a checkpoint the run has replaced since)."""
+    rows, notes = [], []
+    labels = {str(k): v for k, v in zip(summary.get("setting_id", []), summary.get("settings", []))}
+    finished = runs["finished"] if "finished" in runs.columns else pd.Series(None, index=runs.index)
+    for run_dir, run_finished in zip(runs["run_dir"], finished):
+        for file in sorted((root / run_dir / "external").glob(f"*/{RESULTS_FILE}")):
+            if not (file.parent / EXTERNAL_MARK).exists():
+                continue
+            try:
+                row = pd.read_csv(file, dtype={c: str for c in ("dataset", "model", "init", "strategy", "setting_id",
+                                                                "trained_on")}).iloc[0].to_dict()
+                missing = [c for c in (*EXTERNAL_KEY, "seed", "test_auroc", "test_auprc") if c not in row]
+                if missing:
+                    raise ValueError(f"no column {', '.join(missing)}")
+                if str(row.get("source_finished")) != str(run_finished):
+                    raise ValueError(f"it scored the checkpoint of a run that finished {row.get('source_finished')}, "
+                                     f"but {run_dir} was trained again since (finished {run_finished}): run rtl "
+                                     "evaluate again")
+            except (pd.errors.ParserError, pd.errors.EmptyDataError, IndexError) as err:
+                notes.append(f"{_rel(file.parent, root)} left out: its results.csv cannot be read ({err})")
+                continue
+            except (OSError, ValueError) as err:
+                notes.append(f"{_rel(file.parent, root)} left out: {err}")
+                continue
+            rows.append({**row, "run_dir": _rel(file.parent, root)})
+    if not rows:
+        return pd.DataFrame(), notes
+    ext = pd.DataFrame(rows)
+    ext["setting_id"] = ext["setting_id"].fillna("")
+    metric_cols = [c for c in ext.columns if is_metric(str(c)) and str(c).startswith("test_")]
+    grouped = ext.groupby(EXTERNAL_KEY, sort=True, dropna=False)
+    out = grouped[metric_cols].agg([_mean, _std])
+    out.columns = [f"{col}_{stat.strip('_')}" for col, stat in out.columns]
+    out.insert(0, "n", grouped.size())
+    out.insert(1, "seeds", grouped["seed"].agg(lambda s: " ".join(str(int(v)) for v in sorted(s))))
+    out.insert(2, "n_test", grouped["n_test"].first() if "n_test" in ext.columns else np.nan)
+    out["run_dirs"] = grouped["run_dir"].agg(list)
+    out = out.reset_index()
+    out.insert(len(EXTERNAL_KEY), "settings", [labels.get(str(k), "") for k in out["setting_id"]])
+    return out, notes
+
+
+def external_runs(root: Path, runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per external result folder with its seed: what compare.evidence pairs by."""
+    rows = []
+    for run_dir, seed in zip(runs["run_dir"], runs["seed"]):
+        for file in sorted((root / run_dir / "external").glob(f"*/{RESULTS_FILE}")):
+            rows.append({"run_dir": _rel(file.parent, root), "seed": int(seed)})
+    return pd.DataFrame(rows, columns=["run_dir", "seed"])
+
+
+def markdown_external(external: pd.DataFrame) -> str:
+    head = "| trained on | scored on | model | init | fraction | n | images | test AUROC | test AUPRC |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for _, r in external.iterrows():
+        cells = [_fmt(r.get(f"test_{m}_mean", np.nan), r.get(f"test_{m}_std", np.nan), r.get(f"test_{m}_ci_low", np.nan),
+                      r.get(f"test_{m}_ci_high", np.nan)) for m in ("auroc", "auprc")]
+        n_test = "-" if pd.isna(r.get("n_test", np.nan)) else f"{int(r['n_test'])}"
+        lines.append(f"| {r.trained_on} | {r.dataset} | {r.model} | {r.init} | {r.fraction:g} | {r.n} | {n_test} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 class SkipFigure(Exception):
@@ -488,7 +605,7 @@ def lacking_metric(runs: pd.DataFrame, metrics: tuple[str, ...]) -> list[str]:
 
 
 def draw_figure(figure: str, summary: pd.DataFrame, out: Path, models: list[str], note: str,
-                metrics: tuple[str, ...] = DEFAULT_METRICS) -> list[Path]:
+                metrics: tuple[str, ...] = DEFAULT_METRICS, comparisons: pd.DataFrame | None = None) -> list[Path]:
     from .figures import draw  # matplotlib is imported only when a figure is drawn
 
-    return draw(figure, summary, out, models, note, metrics)
+    return draw(figure, summary, out, models, note, metrics, comparisons)

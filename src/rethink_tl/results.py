@@ -105,13 +105,18 @@ class Run:
         return "finished" if self.row is not None else "failed" if self.error is not None else "unfinished"
 
 
+# ``rtl evaluate`` writes a run's scores on another dataset into <run>/external/<name>/ (results.csv and
+# predictions, marked by this file): results of a run, not runs of their own.
+EXTERNAL_MARK = "external.json"
+
+
 def run_dirs(root: Path) -> list[Path]:
     """Every directory below ``root`` (itself included) that a run has written to."""
     found = set()
     for name in STARTED:
         for p in root.rglob(name):
             found.add(p.parent.parent if name.startswith(".hydra/") else p.parent)
-    return sorted(found)
+    return sorted(p for p in found if not (p / EXTERNAL_MARK).exists())
 
 
 def _identity(path: Path) -> tuple[str | None, dict[str, Any] | None]:

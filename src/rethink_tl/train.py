@@ -33,8 +33,10 @@ from .config import differences, identity, setting_id, validate
 from .data import DataBundle, build_data, dataset_labels
 from .data.base import check_label_names, check_learnable
 from .engine import (Batcher, EpochProgress, Precision, configure_device, device_name, evaluate, make_batchers,
-                     make_optimizer, masked_bce, maybe_compile, move_to_device, resolve_precision, restore_rng,
-                     rng_state, seed_everything, train_one_epoch)
+                     make_optimizer, masked_bce, maybe_compile, move_to_device, predict, resolve_precision,
+                     restore_rng, rng_state, seed_everything, train_one_epoch)
+from .metrics import score
+from .predictions import PREDICTIONS_FILE, SplitPredictions, write as write_predictions
 from .errors import NotYourRun, UserError
 from .models import build_model, check_image_size
 from .preempt import GracefulStop, Interrupted
@@ -44,7 +46,8 @@ from .weights import apply_init, installed, weights_home, weights_slot
 log = logging.getLogger(__name__)
 
 # What a run directory holds once it has trained (identity.json says with which settings).
-RUN_FILES = ("results.csv", "metrics.csv", "last.pt", "best.pt", "identity.json", "config.yaml", "error.txt")
+RUN_FILES = ("results.csv", "metrics.csv", "last.pt", "best.pt", "predictions.csv.gz", "identity.json", "config.yaml",
+             "error.txt")
 
 
 def _now() -> str:
@@ -362,15 +365,24 @@ def _git_commit() -> str:
 
 
 def score_best(cfg: DictConfig, s: Setup, state: TrainState, settings: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Load best.pt, score it on val and test, and build the results row (every value is what the run used)."""
+    """Load best.pt, score it on val and test, write its per-image predictions (predictions.csv.gz) and build
+    the results row (every value is what the run used)."""
     best_path = out / "best.pt"
     if not best_path.exists():
         raise UserError("no epoch gave a defined validation AUPRC, so there is no model to test")
     best = atomic_io.load(best_path, fix="start the run over with runtime.force=true")
     s.model.load_state_dict(best["model"])
     bs = cfg.runtime.eval_batch_size
-    val = evaluate(s.step_model, s.data.val, s.eval_batcher, bs, s.labels, "val", s.precision)
-    test = evaluate(s.step_model, s.data.test, s.eval_batcher, bs, s.labels, "test", s.precision)
+    kept, scores = {}, {}
+    for name in ("val", "test"):
+        split = getattr(s.data, name)
+        probs = predict(s.step_model, split, s.eval_batcher, bs, s.precision).astype("float32")
+        labels, mask = split.labels.numpy(), split.mask.numpy()
+        # Scored from the very float32 values the file keeps, so results.csv follows from predictions.csv.gz.
+        scores[name] = score(labels, probs, s.labels, mask=mask, split=name)
+        kept[name] = SplitPredictions(split.ids, split.patients, labels, mask, probs)
+    write_predictions(out / PREDICTIONS_FILE, kept, s.labels)
+    val, test = scores["val"], scores["test"]
     images_seen = sum(r["images_seen"] for r in state.history)
     row: dict[str, Any] = {
         "dataset": s.data.name, "model": str(cfg.model.tag), "init": str(cfg.init.name),

@@ -56,13 +56,18 @@ class Split:
     labels: torch.Tensor  # float32 (N, L) of 0/1
     mask: torch.Tensor  # bool (N, L): False where the label is unknown and must not count
     ids: list[str]
+    # The patient of each image where the dataset knows it (a CSV's patient column, CheXpert's paths); None
+    # where it does not. Bootstrap intervals resample patients, not images, when it is set.
+    patients: Optional[list[str]] = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def subset(self, index: np.ndarray) -> "Split":
         index_t = torch.as_tensor(index, dtype=torch.long)
-        return Split(self.images[index_t], self.labels[index_t], self.mask[index_t], [self.ids[i] for i in index])
+        patients = None if self.patients is None else [self.patients[i] for i in index]
+        return Split(self.images[index_t], self.labels[index_t], self.mask[index_t], [self.ids[i] for i in index],
+                     patients)
 
     def positives(self) -> np.ndarray:
         """Counted positives per label."""
@@ -131,6 +136,7 @@ class SplitPlan:
     paths: list[str] = field(default_factory=list)
     anchor: Optional[str] = None
     cache_label: str = ""
+    patients: Optional[list[str]] = None  # N, where the dataset knows each image's patient
 
     @classmethod
     def stacked(cls, name: str, label_names: list[str], labels: Sequence[np.ndarray], ids: list[str],

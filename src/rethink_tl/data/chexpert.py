@@ -140,7 +140,7 @@ def chexpert_plan(cfg: Mapping) -> SplitPlan:
     resolve = _resolver(root, rel)
     return SplitPlan(name=str(cfg.name), label_names=labels, labels=y, mask=mask, ids=rel, parts=parts,
                      split_rule=rule, paths=[str(resolve(p)) for p in rel], anchor=str(root),
-                     cache_label="chexpert")
+                     cache_label="chexpert", patients=_patients(rel))
 
 
 @register_dataset("chexpert", labels=chexpert_labels, plan=chexpert_plan)

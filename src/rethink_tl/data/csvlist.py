@@ -139,7 +139,8 @@ def csv_plan(cfg: Mapping) -> SplitPlan:
                 f"{unit}, val {val_share:g} of the rest (split seed {seed})")
     check_splits(parts, str(path), hint)
     return SplitPlan(name=str(cfg.name), label_names=labels, labels=y, mask=mask, ids=rel.tolist(), parts=parts,
-                     split_rule=rule, paths=paths, anchor=str(path.parent), cache_label=path.stem)
+                     split_rule=rule, paths=paths, anchor=str(path.parent), cache_label=path.stem,
+                     patients=[str(p) for p in patients] if patient_col else None)
 
 
 @register_dataset("csv", labels=csv_labels, plan=csv_plan)

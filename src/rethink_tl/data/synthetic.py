@@ -40,7 +40,7 @@ import numpy as np
 
 from rethink_tl.errors import UserError
 
-__all__ = ["LABELS", "MIN_SIZE", "MAX_SIZE", "generate_labels", "generate_split"]
+__all__ = ["LABELS", "MIN_SIZE", "MAX_SIZE", "finding_masks", "generate_labels", "generate_split"]
 
 LABELS: tuple[str, ...] = ("opacity", "nodule")
 MIN_SIZE = 32
@@ -239,7 +239,9 @@ def _render_anatomy(rng: _Rng, noise: _Rng, g: _Grid) -> tuple[np.ndarray, _Lung
     return img, lungs
 
 
-def _paint_opacity(rng: _Rng, noise: _Rng, g: _Grid, lungs: _Lungs) -> np.ndarray:
+def _paint_opacity(rng: _Rng, noise: _Rng, g: _Grid, lungs: _Lungs, where: list | None = None) -> np.ndarray:
+    """The finding's density increment; ``where`` (a list) collects each patch's soft outline (0.5 on its
+    edge), for ``finding_masks``. Collecting draws nothing and changes no value."""
     out = np.zeros_like(g.x)
     n_patches = 1 + int(rng.random() < 0.3)
     for _ in range(n_patches):
@@ -251,6 +253,8 @@ def _paint_opacity(rng: _Rng, noise: _Rng, g: _Grid, lungs: _Lungs) -> np.ndarra
         wobble = 1.0 + 0.09 * sum(np.sin(m * theta + k[j]) for j, m in enumerate((2.0, 3.0, 5.0)))
         r = np.sqrt(((g.x - cx) * (1.0 / rx)) ** 2 + ((g.y - cy) * (1.0 / ry)) ** 2) / wobble
         patch = _sigmoid((1.0 - r) * 4.0)
+        if where is not None:
+            where.append(patch)
         tex = _band_noise(noise, g)
         # Ground glass is granular and, on average, slightly denser than lung.
         haze, grain = rng.uniform(0.02, 0.05), rng.uniform(0.045, 0.08)
@@ -258,12 +262,16 @@ def _paint_opacity(rng: _Rng, noise: _Rng, g: _Grid, lungs: _Lungs) -> np.ndarra
     return out * lungs.mask
 
 
-def _paint_nodule(rng: _Rng, noise: _Rng, g: _Grid, lungs: _Lungs) -> np.ndarray:
+def _paint_nodule(rng: _Rng, noise: _Rng, g: _Grid, lungs: _Lungs, where: list | None = None) -> np.ndarray:
     out = np.zeros_like(g.x)
     count = 1 + int(rng.choice(3, p=(0.6, 0.3, 0.1)))
     for _ in range(count):
         cx, cy = lungs.point(rng, inner=0.8)
-        out += rng.uniform(0.16, 0.26) * _soft_disk(g, cx, cy, rng.uniform(0.065, 0.11))
+        amp = rng.uniform(0.16, 0.26)
+        disk = _soft_disk(g, cx, cy, rng.uniform(0.065, 0.11))
+        if where is not None:
+            where.append(disk)
+        out += amp * disk
     return out * lungs.mask
 
 
@@ -384,3 +392,35 @@ def generate_split(
                 img = img + _PAINTERS[name](lrng, lnoise, g, lungs)
         images[i] = _finish(img, rng, noise)
     return images, y
+
+
+def finding_masks(
+    indices: Sequence[int],
+    size: int,
+    seed: int,
+    prevalence: float | Sequence[float],
+    labels: Sequence[str] = LABELS,
+) -> np.ndarray:
+    """Where ``generate_split(n, size, seed, prevalence, labels)`` painted each finding into images ``indices``:
+    bool ``(len(indices), len(labels), size, size)``, True inside a patch or nodule outline (the 0.5 level of
+    its soft edge) and inside the lungs (the painter multiplies by the lung mask); all False where the label
+    is negative. The same seeded streams as ``generate_split``, so ``explain`` can check whether a saliency
+    map lights up the finding."""
+    labels, prev = _check_args(max(list(indices), default=-1) + 1, size, seed, prevalence, labels)
+    g = _grid(int(size))
+    out = np.zeros((len(indices), len(labels), size, size), dtype=bool)
+    for row, i in enumerate(indices):
+        i = int(i)
+        # The lungs come from the anatomy stream, drawn in the order generate_split draws them.
+        _, lungs = _render_anatomy(np.random.default_rng([seed, i, _ANATOMY_STREAM]),
+                                   np.random.default_rng([seed, i, _NOISE_STREAM]), g)
+        for j, name in enumerate(labels):
+            key = _label_key(name)
+            positive, lrng = _draw_label(seed, i, key, prev[j])
+            if not positive:
+                continue
+            where: list[np.ndarray] = []
+            lnoise = np.random.default_rng([seed, i, _LABEL_STREAM, key, _NOISE_STREAM])
+            _PAINTERS[name](lrng, lnoise, g, lungs, where)
+            out[row, j] = (np.max(where, axis=0) >= 0.5) & (lungs.mask >= 0.5)
+    return out

@@ -108,5 +108,6 @@ def assemble(plan: SplitPlan, cfg: Mapping) -> DataBundle:
             labels=torch.from_numpy(plan.labels[rows]),
             mask=torch.from_numpy(plan.mask[rows]),
             ids=[str(plan.ids[i]) for i in rows],
+            patients=None if plan.patients is None else [str(plan.patients[i]) for i in rows],
         )
     return DataBundle(name=plan.name, label_names=list(plan.label_names), split_rule=plan.split_rule, **splits)

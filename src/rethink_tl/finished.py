@@ -1,0 +1,105 @@
+"""A finished run, loaded back for use: its config, its labels and its best checkpoint in a model.
+
+``rtl evaluate``, ``rtl predict`` and ``rtl explain`` start here. A folder that is not a finished run (no
+results.csv, no best.pt, a damaged config) is refused with one message saying what is missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import atomic_io
+from .errors import UserError
+from .results import BrokenRun, label_names, read_run, run_dirs
+
+
+@dataclass
+class FinishedRun:
+    path: Path
+    cfg: DictConfig  # the resolved config the run wrote (config.yaml)
+    row: dict[str, Any]  # its results.csv row
+    labels: list[str]  # the model's outputs, in order
+    model: torch.nn.Module  # best.pt loaded, in eval mode, on the CPU
+    best_epoch: int
+
+    @property
+    def image_size(self) -> int:
+        return int(self.cfg.data.image_size)
+
+    @property
+    def name(self) -> str:
+        return f"{self.row['model']}/{self.row['init']}/f{float(self.row['fraction']):g}/s{int(self.row['seed'])}"
+
+
+def load_run(path: str | Path) -> FinishedRun:
+    """The finished run in ``path`` with its best checkpoint loaded; UserError when it is not one."""
+    from .models import build_model
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path} is not a directory: pass the folder of a finished rtl train run (it holds "
+                        "results.csv and best.pt)")
+    try:
+        run = read_run(path)
+    except BrokenRun as err:
+        raise UserError(str(err)) from None
+    if run.row is None:
+        state = f"failed ({run.error})" if run.error else "not finished (no results.csv)"
+        if not (path / "identity.json").exists() and run.error is None:
+            state = "not an rtl train run (no results.csv, no identity.json)"
+        raise UserError(f"{path} is {state}: pass the folder of a finished rtl train run")
+    best = path / "best.pt"
+    if not best.is_file():
+        raise UserError(f"{path} has no best.pt (the best checkpoint): it was removed; run the run again with "
+                        "runtime.force=true to make it")
+    config = path / "config.yaml"
+    if not config.is_file():
+        raise UserError(f"{path} has no config.yaml: it cannot be rebuilt; run the run again with runtime.force=true")
+    try:
+        cfg = OmegaConf.load(config)
+    except Exception as err:  # noqa: BLE001  (yaml and OmegaConf raise many kinds for a damaged file)
+        raise UserError(f"{config} cannot be read ({type(err).__name__}): run the run again with "
+                        "runtime.force=true") from None
+    labels = label_names(run.row.keys())
+    if not labels:
+        raise UserError(f"{path / 'results.csv'} names no label (no test_auroc_<label> column): made by an older rtl? "
+                        "run it again with runtime.force=true")
+    model = build_model(cfg.model, num_labels=len(labels), image_size=int(cfg.data.image_size))
+    state = atomic_io.load(best, fix="run the run again with runtime.force=true")
+    try:
+        model.load_state_dict(state["model"])
+    except (KeyError, TypeError, RuntimeError) as err:
+        raise UserError(f"{best} does not fit the model of {config} ({type(err).__name__}): run the run again "
+                        "with runtime.force=true") from None
+    model.eval()
+    return FinishedRun(path, cfg, run.row, labels, model, int(state.get("epoch", run.row.get("best_epoch", 0))))
+
+
+def finished_below(root: str | Path) -> list[Path]:
+    """Every finished run folder (results.csv and best.pt) at or below ``root``, sorted; the run itself when
+    ``root`` is one. Results of ``rtl evaluate`` (external/<name>/) are not runs."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root} is not a directory: pass a run folder or a sweep folder")
+    return [p for p in run_dirs(root) if (p / "results.csv").is_file() and (p / "best.pt").is_file()]
+
+
+def infer(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    """Sigmoid outputs (N, L) float32 for uint8 images (N, C, H, W), normalised as the model was trained."""
+    from .data import Split
+    from .engine import Batcher, predict
+
+    info = model.info
+    device = next(model.parameters()).device
+    mean = torch.tensor(info.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(info.std, device=device).view(1, 3, 1, 1)
+    batcher = Batcher(mean, std, device, channels_last=False)
+    n = len(images)
+    split = Split(images, torch.zeros(n, 1), torch.ones(n, 1, dtype=torch.bool), [str(i) for i in range(n)])
+    return predict(model, split, batcher, batch_size).astype(np.float32)

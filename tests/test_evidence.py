@@ -1,0 +1,276 @@
+"""Per-image predictions, bootstrap intervals, paired comparisons and DeLong's test (issue 12).
+
+The sweep fixture is the issue's must-show: 2 models x 2 inits x 3 seeds of tiny runs, then ``rtl report``
+writes the comparisons table; one of its intervals is recomputed here independently, from the saved
+predictions files and scikit-learn, with the same seed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from conftest import TINY_DATA, compose_cfg
+from rethink_tl import stats
+from rethink_tl.cli import main
+from rethink_tl.predictions import PREDICTIONS_FILE, SplitPredictions, read, recompute, write
+from rethink_tl.report import report
+from rethink_tl.stats import Ranked, Scored, Holdout, TooFewImages, bootstrap, delong, weighted_ap, weighted_auroc
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CUT0, CUT1 = "trunc-tf_efficientnet_lite0-cut0", "trunc-tf_efficientnet_lite0-cut1"
+
+
+# --- the metrics the bootstrap uses -------------------------------------------------------------------
+
+def test_weighted_metrics_equal_sklearn_with_sample_weight_ties_and_zero_weights():
+    rng = np.random.default_rng(3)
+    checked = 0
+    for _ in range(150):
+        n = int(rng.integers(4, 50))
+        y = rng.random(n) < 0.4
+        s = np.round(rng.random(n), 1)  # many ties
+        w = rng.integers(0, 3, (3, n)).astype(float)  # zeros: images left out of a resample
+        ranked = Ranked.of(y, s)
+        auroc, ap = weighted_auroc(ranked, w), weighted_ap(ranked, w)
+        for b in range(3):
+            if (w[b][y] > 0).any() and (w[b][~y] > 0).any():
+                assert auroc[b] == pytest.approx(roc_auc_score(y, s, sample_weight=w[b]), abs=1e-12)
+                assert ap[b] == pytest.approx(average_precision_score(y, s, sample_weight=w[b]), abs=1e-12)
+                checked += 1
+            else:
+                assert math.isnan(auroc[b]) and math.isnan(ap[b])
+    assert checked > 300
+
+
+def test_delong_against_a_hand_computed_case():
+    # 3 positives, 2 negatives. Model A: positives 0.9 0.6 0.4, negatives 0.5 0.3; model B: 0.8 0.1 0.7 / 0.6 0.2.
+    # A: V10 = 1, 1, 1/2 (share of negatives below each positive), AUROC 5/6; V01 = 2/3, 1.
+    # B: V10 = 1, 0, 1; AUROC 2/3; V01 = 2/3, 2/3.
+    # A - B = 1/6. Positives: V10 differences 0, 1, -1/2, minus 1/6: squares 1/36 + 25/36 + 16/36 = 7/6,
+    # over m(m-1) = 6: 7/36. Negatives: 0, 1/3 minus 1/6: squares 2/36, over n(n-1) = 2: 1/36.
+    # var = 8/36 = 2/9 (as DeLong's S10/m + S01/n with S10 = [[1/12, -1/12], [-1/12, 1/3]], S01 = [[1/18, 0], [0, 0]]),
+    # z = (1/6) / sqrt(2/9) = 0.353553, p = 2 (1 - Phi(z)) = 0.723674.
+    y = np.array([1, 1, 1, 0, 0])
+    a = np.array([0.9, 0.6, 0.4, 0.5, 0.3])
+    b = np.array([0.8, 0.1, 0.7, 0.6, 0.2])
+    auc, v10, v01 = stats.placements(y, a)
+    assert auc == pytest.approx(5 / 6) and v10 == pytest.approx([1, 1, 0.5]) and v01 == pytest.approx([2 / 3, 1])
+    test = Holdout.of(y[:, None], np.ones((5, 1), bool), ["x"], None)
+    result = delong(test, [Scored("A", {0: a[:, None]}), Scored("B", {0: b[:, None]})], 0, 1)
+    assert result.estimate == pytest.approx(1 / 6)
+    assert result.se == pytest.approx(math.sqrt(2 / 9))
+    assert result.z == pytest.approx(0.353553, abs=1e-6)
+    assert result.p == pytest.approx(0.723674, abs=1e-6)
+
+
+def test_patients_are_resampled_whole():
+    labels = np.array([[1], [0], [1], [0], [0], [1]])
+    test = Holdout.of(labels, np.ones((6, 1), bool), ["x"], ["p1", "p1", "p2", "p2", "p3", "p3"])
+    assert test.unit_kind == "patients" and test.n_units == 3
+    probs = np.linspace(0, 1, 6)[:, None]
+    stat = stats.Statistic(test, [Scored("A", {0: probs})], [("mean", "auroc", 0)])
+    seen = []
+    stat.values = lambda w: seen.append(w) or np.zeros((1, len(w)))
+    stat(np.array([[0, 0, 2], [1, 2, 2]]))
+    assert seen[0].tolist() == [[2, 2, 0, 0, 1, 1], [0, 0, 1, 1, 2, 2]]  # every image weighs its patient's count
+
+
+def test_too_few_positives_for_a_bootstrap_is_refused():
+    labels = np.array([[1], [0], [0], [0]])
+    test = Holdout.of(labels, np.ones((4, 1), bool), ["nodule"], None)
+    with pytest.raises(TooFewImages, match="'nodule' has 1 images with a positive"):
+        bootstrap(test, [Scored("A", {0: np.ones((4, 1))})], [("mean", "auroc", 0)], resamples=100)
+
+
+# --- a tiny sweep, and rtl report ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """2 models (Lite0 cut after stage 0 and after stage 1) x RI / TL (real ImageNet weights) x 3 seeds."""
+    from rethink_tl.train import run
+
+    root = tmp_path_factory.mktemp("sweep")
+    for cut in (0, 1):
+        for init in ("random", "pretrained"):
+            for seed in (0, 1, 2):
+                cfg = compose_cfg([*TINY_DATA, "model=trunc", f"model.cut={cut}", f"init={init}", f"train.seed={seed}",
+                                   "train.epochs=2"])
+                run(cfg, root / f"cut{cut}" / init / f"s{seed}")
+    return root
+
+
+def test_predictions_recompute_the_results_row(sweep):
+    run_dir = sweep / "cut1" / "pretrained" / "s0"
+    row = pd.read_csv(run_dir / "results.csv").iloc[0]
+    pred = read(run_dir / PREDICTIONS_FILE)
+    assert pred.splits() == ["val", "test"] and pred.label_names == ["opacity", "nodule"]
+    for split in ("val", "test"):
+        scores = recompute(pred, split)
+        assert len(pred.split(split)) == row[f"n_{split}"]
+        for metric in ("auroc", "auprc", "auprc_trapz"):
+            assert scores.macro[metric] == row[f"{split}_{metric}"]  # exactly: the file keeps the float32 values
+            for label in pred.label_names:
+                assert scores.per_label[metric][label] == row[f"{split}_{metric}_{label}"]
+
+
+def _independent(sweep, a: str, b: str, metric: str, resamples: int, seed: int):
+    """The paired bootstrap of (mean over seeds of macro metric a - b), straight from the files with sklearn:
+    scipy draws the resamples (same rng, same batches), one sklearn call per resample, label and run."""
+    def load(side):
+        out = {}
+        for s in (0, 1, 2):
+            with gzip.open(sweep / side / f"s{s}" / PREDICTIONS_FILE) as fh:
+                df = pd.read_csv(io.BytesIO(fh.read()))
+            out[s] = df[df["split"] == "test"].reset_index(drop=True)
+        return out
+
+    A, B = load(a), load(b)
+    score = {"auroc": roc_auc_score, "auprc": average_precision_score}[metric]
+    n = len(A[0])
+
+    def statistic(drawn):
+        w = np.bincount(drawn, minlength=n).astype(float)
+        diffs = []
+        for s in (0, 1, 2):
+            per = []
+            for side in (A, B):
+                df = side[s]
+                per.append(np.mean([score(df[f"true_{lab}"], df[f"prob_{lab}"], sample_weight=w)
+                                    for lab in ("opacity", "nodule")]))
+            diffs.append(per[0] - per[1])
+        return np.mean(diffs)
+
+    res = scipy.stats.bootstrap((np.arange(n),), statistic, n_resamples=resamples, batch=stats.BATCH,
+                                vectorized=False, method="percentile", rng=np.random.default_rng(seed))
+    return statistic(np.arange(n)), res.confidence_interval.low, res.confidence_interval.high
+
+
+def test_report_writes_intervals_and_the_comparisons_table(sweep, tmp_path):
+    out = tmp_path / "report"
+    done = report(sweep, out=out, resamples=300, seed=7, compare=[(f"{CUT1}/pretrained", f"{CUT0}/pretrained")])
+    assert done.problems == []
+    comp = pd.read_csv(out / "comparisons.csv")
+    kinds = comp.groupby("comparison").size().to_dict()
+    assert kinds == {"TL vs RI": 4, "asked": 2}  # 2 models x 2 metrics; the asked pair x 2 metrics
+    assert set(comp["seeds"]) == {"0 1 2"} and set(comp["resamples"]) == {300} and set(comp["seed"]) == {7}
+    assert comp[comp["metric"] == "auroc"]["p_delong"].between(0, 1).all()
+    assert comp[comp["metric"] == "auprc"]["p_delong"].isna().all()
+
+    # One interval, recomputed independently from the predictions files with the same seed.
+    asked = comp[(comp["comparison"] == "asked") & (comp["metric"] == "auprc")].iloc[0]
+    estimate, low, high = _independent(sweep, "cut1/pretrained", "cut0/pretrained", "auprc", 300, 7)
+    assert asked["difference"] == pytest.approx(estimate, abs=1e-12)
+    assert (asked["ci_low"], asked["ci_high"]) == pytest.approx((low, high), abs=1e-12)
+    assert asked["ci_low"] <= asked["difference"] <= asked["ci_high"]
+
+    summary = pd.read_csv(out / "summary.csv")
+    assert (summary["test_auroc_ci_low"] <= summary["test_auroc_mean"]).all()
+    assert (summary["test_auroc_mean"] <= summary["test_auroc_ci_high"]).all()
+    md = (out / "summary.md").read_text()
+    assert "| synthetic | test split | 1 | TL vs RI |" in md and "p (DeLong)" in md
+    assert "300 resamples, seed 7" in md and "test images" in md
+    # Reproducible: the same call writes the same numbers.
+    again = tmp_path / "again"
+    report(sweep, out=again, resamples=300, seed=7, compare=[(f"{CUT1}/pretrained", f"{CUT0}/pretrained")])
+    assert (again / "comparisons.csv").read_bytes() == (out / "comparisons.csv").read_bytes()
+
+
+def test_report_cli_refuses_an_unknown_compare_side_and_too_few_images(sweep, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", str(sweep), "--out", str(tmp_path / "a"), "--compare", "dens_t1/pretrained", f"{CUT0}/random"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and "--compare dens_t1/pretrained: no setting" in err[0]
+
+    # A run whose test split has one positive nodule: its row gets no interval, and the report exits 2.
+    run_dir = sweep / "cut0" / "random" / "s0"
+    few = tmp_path / "few" / "run"
+    few.mkdir(parents=True)
+    for name in ("results.csv", "identity.json", "config.yaml"):
+        (few / name).write_bytes((run_dir / name).read_bytes())
+    pred = read(run_dir / PREDICTIONS_FILE)
+    test = pred.split("test")
+    test.labels[:, 1] = 0
+    test.labels[0, 1] = 1
+    write(few / PREDICTIONS_FILE, {"val": pred.split("val"), "test": test}, pred.label_names)
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", str(tmp_path / "few"), "--resamples", "100"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1
+    assert "'nodule' has 1 images with a positive" in err[0] and "too few for a bootstrap" in err[0]
+    assert (tmp_path / "few" / "summary.md").exists()  # the tables are still written
+
+
+def test_predictions_file_round_trips_float32_and_patients(tmp_path):
+    rng = np.random.default_rng(0)
+    probs = rng.random((5, 2)).astype(np.float32)
+    labels = (rng.random((5, 2)) < 0.5).astype(np.float32)
+    mask = np.array([[1, 1], [1, 0], [1, 1], [0, 1], [1, 1]], bool)
+    sp = SplitPredictions([f"img{i}.png" for i in range(5)], ["p1", "p1", "p2", "p3", "p3"], labels, mask, probs)
+    write(tmp_path / PREDICTIONS_FILE, {"test": sp}, ["a b", "c"])
+    back = read(tmp_path / PREDICTIONS_FILE).split("test")
+    assert back.ids == sp.ids and back.patients == sp.patients
+    assert np.array_equal(back.probs, probs) and np.array_equal(back.mask, mask)
+    assert np.array_equal(back.labels[mask], labels[mask])
+    first = (tmp_path / PREDICTIONS_FILE).read_bytes()
+    write(tmp_path / PREDICTIONS_FILE, {"test": sp}, ["a b", "c"])
+    assert (tmp_path / PREDICTIONS_FILE).read_bytes() == first  # no timestamp inside
+
+
+def test_report_includes_external_results_and_leaves_out_stale_ones(sweep, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "sweep"
+    shutil.copytree(sweep, root)
+    main(["evaluate", str(root), "data=synthetic", "data.num_samples=200", "data.seed=11", "--name", "site2"])
+    assert "12 runs evaluated on site2" in capsys.readouterr().out
+    out = tmp_path / "report"
+    done = report(root, out=out, resamples=200, seed=0)
+    assert done.problems == []
+    external = pd.read_csv(out / "external.csv")
+    assert len(external) == 4 and set(external["n"]) == {3} and set(external["dataset"]) == {"site2"}
+    # Each row's mean is the mean of its three runs' external results.
+    row = external[(external["model"] == CUT1) & (external["init"] == "pretrained")].iloc[0]
+    values = [pd.read_csv(root / "cut1" / "pretrained" / f"s{s}" / "external" / "site2" / "results.csv")["test_auprc"][0]
+              for s in (0, 1, 2)]
+    assert row["test_auprc_mean"] == pytest.approx(np.mean(values), abs=1e-12)
+    assert row["test_auprc_ci_low"] <= row["test_auprc_mean"] <= row["test_auprc_ci_high"]
+    comp = pd.read_csv(out / "comparisons.csv")
+    assert (comp["scored_on"] == "external (trained on synthetic)").sum() == 4  # TL vs RI, 2 models x 2 metrics
+    assert "external validation" in (out / "summary.md").read_text()
+
+    # The run is trained again: its external results belong to the old checkpoint and are left out, loudly.
+    results = root / "cut0" / "random" / "s1" / "results.csv"
+    df = pd.read_csv(results)
+    df["finished"] = "2031-01-01T00:00:00+00:00"
+    df.to_csv(results, index=False)
+    done = report(root, out=out, resamples=200, seed=0)
+    assert len(done.problems) == 1 and "trained again since" in done.problems[0]
+    assert pd.read_csv(out / "external.csv").set_index(["model", "init"]).loc[(CUT0, "random"), "n"] == 2
+
+
+def test_tl_vs_ri_figure_marks_significant_differences(sweep, tmp_path):
+    from rethink_tl import figures
+    from rethink_tl.report import gather, summarise
+
+    found = gather(sweep)
+    summary = summarise(found.runs, found.settings)
+    base = {"comparison": "TL vs RI", "fraction": 1.0, "metric": "auprc"}
+    marks = pd.DataFrame([{**base, "a_model": CUT1, "p_bootstrap": 0.004},
+                          {**base, "a_model": CUT0, "p_bootstrap": 0.3}])  # not significant: no mark
+    figures._MARKS = marks
+    try:
+        fig = figures.fig3(summary, [CUT0, CUT1], "", ("auroc", "auprc"))
+    finally:
+        figures._MARKS = pd.DataFrame()
+    texts = {(i, t.get_text(), t.xy[0]) for i, ax in enumerate(fig.axes) for t in ax.texts}
+    assert texts == {(1, "**", 1)}  # the AUPRC panel (second row), above the second model's bars
+    assert "paired bootstrap" in fig.texts[0].get_text() or any("paired bootstrap" in t.get_text() for t in fig.texts)
