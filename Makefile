@@ -17,7 +17,7 @@ DEMO_ARGS ?= data=synthetic data.image_size=64 data.num_samples=6000 data.fracti
 
 help:
 	@echo "make demo    TL vs RI on the embedded synthetic data with real EfficientNet-Lite0 weights (CPU, < 10 min)"
-	@echo "make test    install into $(VENV) and run the test suite"
+	@echo "make test    install into $(VENV) and run the test suite (2 processes, pytest-xdist)"
 	@echo "make clean   remove run outputs (keeps $(VENV))"
 	@echo "make fig2    toy ROC/PR curves of classifiers A and B (paper Fig. 2), no training"
 	@echo "make fig3 ... fig7 [COVID_CSV=... CHEXPERT_ROOT=... CBR_WEIGHTS=...]   sweep + report of one paper figure"
@@ -38,7 +38,7 @@ demo: $(STAMP)
 	$(RTL) report $(DEMO_DIR)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf runs multirun outputs demo_runs bench_runs claims pretrain_runs pretrain_multirun

@@ -164,12 +164,17 @@ def no_best(run, tmp_path):
     (["{run}", "train.lr=0.1"], "takes overrides of the data group only"),
     (["{run}", "data.image_size=64"], "the run was trained at 32 px"),
     (["{run}", "data.seed=1,2"], "one value per key"),
-    (["{run}", "--name", "../up"], "cannot name a folder"),
+    (["{run}", "data.seed=3", "--name", "../up"], "cannot name a folder"),
+    (["{run}"], "needs the external data"),
+    (["{run}", "data=synthetic", "data.num_samples=4000"], "is the dataset the run was trained and tested on"),
+    # Opacity=Normal: a column of zeros, nothing to validate; nothing is written.
+    (["{run}", "data=csv", "data.csv={csv}", "--map", "opacity=Normal", "data.labels=[Normal]", "--name", "none"],
+     "no label scored on none has both positive and negative images"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, fragment, run, hospital, no_best, tmp_path, capsys):
     filled = [a.format(tmp=tmp_path, run=run, csv=hospital, no_best=no_best) for a in args]
     assert fragment in fail(capsys, *filled)
-    assert not (run / "external" / "synthetic").exists()
+    assert not (run / "external" / "synthetic").exists() and not (run / "external" / "none").exists()
 
 
 def test_installed_command_fails_cleanly(run, tmp_path):

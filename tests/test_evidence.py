@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import io
 import math
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -17,7 +18,7 @@ import pytest
 import scipy.stats
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from conftest import TINY_DATA, compose_cfg
+from conftest import TINY_DATA, compose_cfg, fails_in_one_line
 from rethink_tl import stats
 from rethink_tl.cli import main
 from rethink_tl.predictions import PREDICTIONS_FILE, SplitPredictions, read, recompute, write
@@ -190,6 +191,23 @@ def test_report_cli_refuses_an_unknown_compare_side_and_too_few_images(sweep, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(err) == 1 and "--compare dens_t1/pretrained: no setting" in err[0]
 
+    for argv, words in ((["--seed", "-1"], "--seed -1: use a whole number"),
+                        (["--resamples", "10000000"], "use 0 (no intervals) or 100 to 100,000"),
+                        (["--compare", f"{CUT0}/TL", f"{CUT0}/pretrained"], "both sides are the same settings"),
+                        (["--compare", CUT0, f"{CUT1}/pretrained"], "matches several settings")):
+        assert words in fails_in_one_line(capsys, ["report", sweep, "--out", tmp_path / "b", *argv])
+
+    # A predictions file copied from another run (same test images) must not lend it its predictions.
+    swapped = tmp_path / "swapped"
+    for side in ("cut0", "cut1"):
+        shutil.copytree(sweep / side / "pretrained", swapped / side / "pretrained")
+    (swapped / "cut0" / "pretrained" / "s1" / PREDICTIONS_FILE).write_bytes(
+        (swapped / "cut1" / "pretrained" / "s1" / PREDICTIONS_FILE).read_bytes())
+    done = report(swapped, resamples=100)
+    assert len(done.problems) == 1 and "is not this run's" in done.problems[0] and "cut0/pretrained/s1" in done.problems[0]
+    summary = pd.read_csv(swapped / "summary.csv").set_index("model")
+    assert np.isnan(summary.loc[CUT0, "test_auroc_ci_low"]) and not np.isnan(summary.loc[CUT1, "test_auroc_ci_low"])
+
     # A run whose test split has one positive nodule: its row gets no interval, and the report exits 2.
     run_dir = sweep / "cut0" / "random" / "s0"
     few = tmp_path / "few" / "run"
@@ -201,6 +219,10 @@ def test_report_cli_refuses_an_unknown_compare_side_and_too_few_images(sweep, tm
     test.labels[:, 1] = 0
     test.labels[0, 1] = 1
     write(few / PREDICTIONS_FILE, {"val": pred.split("val"), "test": test}, pred.label_names)
+    row = pd.read_csv(few / "results.csv")  # consistent with the edited file, as a run with such a split would be
+    for metric, value in recompute(read(few / PREDICTIONS_FILE), "test").macro.items():
+        row[f"test_{metric}"] = value
+    row.to_csv(few / "results.csv", index=False)
     with pytest.raises(SystemExit) as exit_:
         main(["report", str(tmp_path / "few"), "--resamples", "100"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -226,8 +248,6 @@ def test_predictions_file_round_trips_float32_and_patients(tmp_path):
 
 
 def test_report_includes_external_results_and_leaves_out_stale_ones(sweep, tmp_path, capsys):
-    import shutil
-
     root = tmp_path / "sweep"
     shutil.copytree(sweep, root)
     main(["evaluate", str(root), "data=synthetic", "data.num_samples=200", "data.seed=11", "--name", "site2"])

@@ -36,7 +36,7 @@ TARGETS = {
     "res_t4": "layer4.1", "res_t5": "layer4.2",
     "timm": "conv_head", "trunc": "blocks.4.2", "lite0_t2": "blocks.2.1", "lite0_t3": "blocks.4.2",
 }
-GROUP_TITLES = {"tp": "most confident true positives", "fn": "missed positives", "fp": "false positives"}
+GROUP_TITLES = {"tp": "highest-scored positives", "fn": "lowest-scored positives", "fp": "highest-scored negatives"}
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +64,9 @@ def _expected(df: pd.DataFrame, label: str, n: int) -> dict[str, list[str]]:
     rows = [(r[f"prob_{label}"], k, r["id"], r[f"true_{label}"]) for k, r in df.iterrows() if r[f"mask_{label}"] == 1]
     pos = [r for r in rows if r[3] == 1]
     neg = [r for r in rows if r[3] == 0]
-    return {"tp": [r[2] for r in sorted(pos, key=lambda r: (-r[0], r[1]))][:n],
-            "fn": [r[2] for r in sorted(pos, key=lambda r: (r[0], r[1]))][:n],
+    top = [r[2] for r in sorted(pos, key=lambda r: (-r[0], r[1]))][:n]
+    return {"tp": top,
+            "fn": [r[2] for r in sorted(pos, key=lambda r: (r[0], r[1])) if r[2] not in top][:n],
             "fp": [r[2] for r in sorted(neg, key=lambda r: (-r[0], r[1]))][:n]}
 
 
@@ -88,10 +89,10 @@ def test_pick_orders_groups_and_skips_masked_entries():
     truth = np.array([1, 1, 0, 1, 0, 0, 0, 1, 1])
     counted = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0], dtype=bool)  # row 8 (the top probability) is unknown
     got = pick(probs, truth, counted, n=2)
-    assert got == {"tp": [0, 1], "fn": [3, 1], "fp": [4, 2]}
+    assert got == {"tp": [0, 1], "fn": [3, 7], "fp": [4, 2]}  # no image in two groups
     # Ties keep file order (rows 1 and 7 share 0.8), and a group shorter than n shows what there is.
     got = pick(probs, truth, counted, n=10)
-    assert got == {"tp": [0, 1, 7, 3], "fn": [3, 1, 7, 0], "fp": [4, 2, 5, 6]}
+    assert got == {"tp": [0, 1, 7, 3], "fn": [], "fp": [4, 2, 5, 6]}
     assert pick(probs, truth, np.zeros(9, dtype=bool), n=3) == {"tp": [], "fn": [], "fp": []}
 
 
@@ -195,14 +196,13 @@ def test_explain_tiles_are_the_runs_test_images(run_dir):
 
 
 def test_explain_one_label_with_too_few_images(run_dir, tmp_path, capsys):
-    main(["explain", str(run_dir), "--label", "nodule", "--n", "19", "--out", str(tmp_path / "maps")])
+    main(["explain", str(run_dir), "--label", "nodule", "--n", "16", "--out", str(tmp_path / "maps")])
     out = capsys.readouterr().out
-    # 18 nodule positives in the tiny test split: both positive groups are short, the negatives are not.
-    assert "note: nodule: only 18 most confident true positives to show, not 19" in out
-    assert "note: nodule: only 18 missed positives to show, not 19" in out
-    assert "false positives to show" not in out
+    # 18 nodule positives in the tiny test split: 16 highest-scored, the other 2 lowest-scored; negatives abound.
+    assert "note: nodule: only 2 lowest-scored positives to show, not 16" in out
+    assert "highest-scored negatives to show" not in out and "only 16" not in out
     shown = _shown(out)
-    assert [len(shown[("nodule", k)]) for k in ("tp", "fn", "fp")] == [18, 18, 19]
+    assert [len(shown[("nodule", k)]) for k in ("tp", "fn", "fp")] == [16, 2, 16]
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["nodule.pdf", "nodule.png"]
 
 
@@ -223,7 +223,8 @@ def _data_changed(run: Path) -> list[str]:
 @pytest.mark.parametrize("make, words", [
     (_no_best, "has no best.pt"),
     (lambda run: [str(run), "--label", "effusion"], "no label 'effusion'; its labels: opacity, nodule"),
-    (lambda run: [str(run), "--n", "0"], "--n must be at least 1"),
+    (lambda run: [str(run), "--n", "0"], "--n must be 1 to 16"),
+    (lambda run: [str(run), "--n", "1000"], "--n must be 1 to 16"),
     (_data_changed, "changed since the run"),
 ])
 def test_bad_input_is_one_line_exit_2(run_dir, tmp_path, capsys, make, words):

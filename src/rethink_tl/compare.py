@@ -19,6 +19,7 @@ the two sides share, each scored on the same resampled images.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UserError
+from .metrics import SingleClassWarning, score
 from .predictions import PREDICTIONS_FILE, read as read_predictions
 from .stats import LEVEL, STAT_METRICS, Scored, Holdout, TooFewImages, bootstrap, delong
 
@@ -73,6 +75,21 @@ class _Loader:
         return read_predictions(self.root / run_dir / PREDICTIONS_FILE).label_names
 
 
+def _check_file(run: pd.Series, sp, labels: list[str], path: Path) -> None:
+    """The predictions file must give the run's results row back: a file copied from another run must not lend
+    its predictions to this one."""
+    got = score(sp.labels, sp.probs, labels, mask=sp.mask)
+    for m in STAT_METRICS:
+        want = run.get(f"test_{m}")
+        if want is not None and not pd.isna(want) and not np.isclose(got.macro[m], float(want), rtol=0, atol=1e-9):
+            raise BadPredictions(f"{path} gives test {m} {got.macro[m]:.6f}, but its results.csv says {float(want):.6f}: "
+                                 "the file is not this run's; run the run again with runtime.force=true")
+
+
+class BadPredictions(UserError):
+    """A predictions file that does not belong to its run."""
+
+
 def _side(loader: _Loader, row: pd.Series, runs: pd.DataFrame) -> tuple[Scored, object, list[str]]:
     """A summary row as Scored (seed -> test probabilities), its first run's test split and label names."""
     members = runs[runs["run_dir"].isin(row["run_dirs"])]
@@ -80,6 +97,9 @@ def _side(loader: _Loader, row: pd.Series, runs: pd.DataFrame) -> tuple[Scored, 
     for _, run in members.iterrows():
         sp = loader.test(run["run_dir"])
         labels = loader.label_names(run["run_dir"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SingleClassWarning)  # results.csv has NaN there too; compared as such
+            _check_file(run, sp, labels, loader.root / run["run_dir"] / PREDICTIONS_FILE)
         if first is None:
             first, names = sp, labels
         elif sp.ids != first.ids or labels != names or not np.array_equal(sp.labels, first.labels) \
@@ -89,14 +109,14 @@ def _side(loader: _Loader, row: pd.Series, runs: pd.DataFrame) -> tuple[Scored, 
     return Scored(describe(row), probs), first, names
 
 
-def _test_set(sides: list[tuple[Scored, object, list[str]]]) -> Holdout:
+def _test_set(sides: list[tuple[Scored, object, list[str]]], where: str = "test split") -> Holdout:
     first, names = sides[0][1], sides[0][2]
     for scored, sp, labels in sides[1:]:
         if sp.ids != first.ids or labels != names or not np.array_equal(sp.labels, first.labels) \
                 or not np.array_equal(sp.mask, first.mask):
             raise UserError(f"{sides[0][0].name} and {scored.name} were tested on different images or labels, so "
                             "they cannot be compared image by image")
-    return Holdout.of(first.labels, first.mask, names, first.patients)
+    return Holdout.of(first.labels, first.mask, names, first.patients, where)
 
 
 def pairs(summary: pd.DataFrame, asked: list[tuple[str, str]]) -> tuple[list[tuple[str, int, int]], list[str]]:
@@ -127,7 +147,7 @@ def pairs(summary: pd.DataFrame, asked: list[tuple[str, str]]) -> tuple[list[tup
             if len(a_rows) == 1 and len(b_rows) == 1:
                 out.append(("asked", a_rows.index[0], b_rows.index[0]))
             elif len(a_rows) > 1 or len(b_rows) > 1:
-                notes.append(f"{where}: --compare {left} {right} matches several settings; not compared")
+                raise UserError(f"{where}: --compare {left} {right} matches several settings; name MODEL/INIT")
     seen, unique = set(), []
     for kind, i, j in out:
         if (i, j) not in seen:
@@ -144,6 +164,10 @@ def _select(cell: pd.DataFrame, selector: str) -> pd.DataFrame:
 
 def check_asked(summary: pd.DataFrame, asked: list[tuple[str, str]]) -> None:
     """A --compare side that matches no row of the table is a typo: say what there is."""
+    for left, right in asked:
+        same = _select(summary, left).index
+        if len(same) and same.equals(_select(summary, right).index):
+            raise UserError(f"--compare {left} {right}: both sides are the same settings; compare two different ones")
     for selector in {s for pair in asked for s in pair}:
         model, _, init = selector.partition("/")
         if not model or not len(_select(summary, selector)):
@@ -191,6 +215,8 @@ def evidence(summary: pd.DataFrame, runs: pd.DataFrame, root: Path, asked: list[
             sides[i] = _side(loader, row, runs)
         except UserError as err:
             ev.notes.append(f"{describe(row)} ({row['dataset']} f{row['fraction']:g}): no interval: {err}")
+            if isinstance(err, BadPredictions) or "damaged" in str(err):
+                ev.problems.append(str(err))
     if lacking:
         ev.notes.append(f"{len(lacking)} run(s) have no {PREDICTIONS_FILE} (made before rtl kept per-image predictions), "
                         f"so their settings have no interval and no comparison; run them again with runtime.force=true: "
@@ -201,7 +227,7 @@ def evidence(summary: pd.DataFrame, runs: pd.DataFrame, root: Path, asked: list[
     for kind, a, b in found:
         ra, rb = summary.loc[a], summary.loc[b]
         what = f"{ra['dataset']} f{ra['fraction']:g}: {describe(ra)} vs {describe(rb)}"
-        reason = ("a side has no predictions" if a not in sides or b not in sides else
+        reason = ("a side has no usable predictions (see above)" if a not in sides or b not in sides else
                   "they were tested on different images or labels" if _test_key(sides[a]) != _test_key(sides[b]) else
                   "the two sides share no seed" if not set(sides[a][0].probs) & set(sides[b][0].probs) else "")
         if reason:
@@ -221,7 +247,7 @@ def evidence(summary: pd.DataFrame, runs: pd.DataFrame, root: Path, asked: list[
         mine = [(kind, a, b) for kind, a, b in compared if a in index]
         spec = [("mean", m, index[i]) for i in members for m in STAT_METRICS]
         spec += [("diff", m, index[a], index[b]) for _, a, b in mine for m in STAT_METRICS]
-        test = _test_set([sides[members[0]]])
+        test = _test_set([sides[members[0]]], "test split" if split == "test" else "external images")
         try:
             found_iv = bootstrap(test, settings, spec, resamples, seed)
         except TooFewImages as err:
@@ -287,4 +313,6 @@ def method_note(resamples: int, seed: int, unit: str) -> str:
             "of a setting; a comparison scores both sides on the same resamples (paired) and averages A - B over "
             "their common seeds. p (bootstrap): two-sided, 2 x the smaller share of resamples on either side of 0. "
             "p (DeLong): DeLong's test of correlated AUROCs, extended to the mean over labels and seeds. "
-            "* p < 0.05, ** p < 0.01, *** p < 0.001 (bootstrap; no correction for multiple comparisons).")
+            "* p < 0.05, ** p < 0.01, *** p < 0.001 (bootstrap; no correction for multiple comparisons). With few "
+            "resamples an interval can just exclude 0 while p is a little above 0.05 (the +1 in each share): use more "
+            "resamples for a borderline case.")

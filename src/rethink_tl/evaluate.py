@@ -105,6 +105,30 @@ def data_for_run(data: DictConfig, given: set[str], run_data: DictConfig,
     return d, notes
 
 
+# What fixes a dataset's images, per kind: equal values mean the images the run was trained and tested on.
+SOURCE_KEYS = {"synthetic": ("seed",), "csv": ("csv",), "chexpert": ("root",), "medmnist": ("flag", "root")}
+
+
+def check_other_data(run_data: DictConfig, data: DictConfig) -> None:
+    """Refuse to call a run's own dataset external (the synthetic data with the run's seed, the run's CSV)."""
+    kind = str(data.kind)
+    if str(run_data.get("kind")) != kind or kind not in SOURCE_KEYS:
+        return
+
+    def value(cfg: DictConfig, key: str) -> str:
+        v = cfg.get(key)
+        if key in ("csv", "root") and v:
+            return str(Path(str(v)).expanduser().resolve())
+        return str(v)
+
+    keys = SOURCE_KEYS[kind]
+    if all(value(run_data, k) == value(data, k) for k in keys):
+        same = ", ".join(f"data.{k}={data.get(k)}" for k in keys)
+        raise UserError(f"data={kind} with {same} is the dataset the run was trained and tested on, so its scores "
+                        f"would not be external: name other data (e.g. data=csv data.csv=OTHER.csv"
+                        + (", or another data.seed" if kind == "synthetic" else "") + ")")
+
+
 def plain(data: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(data, resolve=True)  # type: ignore[return-value]
 
@@ -177,7 +201,8 @@ def _flat(node: Any, prefix: str = "data") -> dict[str, Any]:
     return {prefix: node}
 
 
-def check_replace(out_dir: Path, data: dict[str, Any], split: str, force: bool) -> None:
+def check_replace(out_dir: Path, data: dict[str, Any], split: str, force: bool,
+                  label_map: dict[str, str] | None = None) -> None:
     """Evaluating again with the same data replaces the results; other data under the same name needs --force."""
     if force or not out_dir.exists() or not any(out_dir.iterdir()):
         return
@@ -191,6 +216,8 @@ def check_replace(out_dir: Path, data: dict[str, Any], split: str, force: bool) 
     diff = differences(_flat(stored.get("data")), _flat(data))
     if stored.get("split") != split:
         diff.append(f"--split: {stored.get('split')} -> {split}")
+    if label_map is not None and stored.get("label_map") != label_map:
+        diff.append(f"labels scored: {stored.get('label_map')} -> {label_map}")
     if diff:
         shown = "; ".join(diff[:3]) + ("; ..." if len(diff) > 3 else "")
         raise UserError(f"{out_dir} holds an evaluation on other data ({shown}): {again}")
@@ -237,6 +264,10 @@ def evaluate_run(run, bundle, plan: Planned, *, name: str, split: str, device: t
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SingleClassWarning)  # said below, once, in the run's line
         scores = score(labels, probs, plan.match.model, mask=mask, split=SPLIT_NAME)
+    if all(np.isnan(v) for v in scores.per_label["auroc"].values()):
+        raise UserError(f"no label scored on {name} has both positive and negative images "
+                        f"({', '.join(f'{m}={d}' for m, d in zip(plan.match.model, plan.match.data))}): there is "
+                        "nothing to validate; check --map and the dataset's labels")
     notes = list(plan.notes)
     for j, label in enumerate(plan.match.model):
         y = labels[mask[:, j], j]
@@ -318,9 +349,12 @@ def main(argv: list[str]) -> None:
     mapping = parse_map(args.map)
     given = parse_overrides(args.overrides)
     device = pick_device(args.device)
+    paths = runs_below(args.run_dir)
+    if not args.overrides:
+        raise UserError("rtl evaluate needs the external data: give data overrides, e.g. rtl evaluate RUN_DIR data=csv "
+                        "data.csv=/data/other_hospital.csv")
     base = compose_data(args.overrides)
     name = check_name(args.name if args.name is not None else str(base.name))
-    paths = runs_below(args.run_dir)
 
     # Everything is checked for every run before any is evaluated: a bad --map or a name taken by other data
     # stops a sweep before its first image is decoded.
@@ -330,11 +364,13 @@ def main(argv: list[str]) -> None:
     for path in paths:
         run = load_run(path)
         data, notes = data_for_run(base, given, run.cfg.data, channels_of)
+        check_other_data(run.cfg.data, data)
         key = json.dumps(plain(data), sort_keys=True, default=str)
         if key not in labels_of:
             labels_of[key] = dataset_labels(data)
         match = match_labels(run.labels, labels_of[key], mapping, name)
-        check_replace(path / EXTERNAL_DIR / name, plain(data), args.split, args.force)
+        check_replace(path / EXTERNAL_DIR / name, plain(data), args.split, args.force,
+                      dict(zip(match.model, match.data)))
         plans.append(Planned(path, data, key, labels_of[key], match, notes))
         del run  # the model: loaded again when its turn comes, so a sweep holds one at a time
     skipped = [p for p in run_dirs(Path(args.run_dir)) if (p / RESULTS_FILE).is_file() and p not in paths]

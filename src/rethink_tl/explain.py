@@ -33,10 +33,11 @@ from .errors import UserError
 
 # (key, row title, how a row is picked); the order of the rows of each label.
 GROUPS = (
-    ("tp", "most confident true positives", "positives, highest probability first"),
-    ("fn", "missed positives", "positives, lowest probability first"),
-    ("fp", "false positives", "negatives, highest probability first"),
+    ("tp", "highest-scored positives", "positives, highest probability first"),
+    ("fn", "lowest-scored positives", "the other positives, lowest probability first"),
+    ("fp", "highest-scored negatives", "negatives, highest probability first"),
 )
+MAX_N = 16  # columns of the grid
 # Containers that only chain their children: target_layer looks inside them for the block that does the work.
 # Exact types: DenseNet's _Transition subclasses nn.Sequential and _DenseBlock nn.ModuleDict, and both are blocks.
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -79,15 +80,18 @@ def target_layer(model: nn.Module) -> nn.Module:
 
 def pick(probs: np.ndarray, truth: np.ndarray, counted: np.ndarray, n: int) -> dict[str, list[int]]:
     """Row indices of each group of GROUPS for one label: (N,) probabilities, 0/1 truth and the mask of entries
-    that count; at most ``n`` per group. Ties keep file order."""
+    that count; at most ``n`` per group, no image in two groups (with fewer than 2n positives the lowest-scored
+    group gets what the highest-scored left). Ties keep file order."""
     counted = np.asarray(counted, dtype=bool)
     positive = counted & (np.asarray(truth) > 0.5)
     negative = counted & ~positive
     p = np.asarray(probs, dtype=np.float64)
     pos, neg = np.flatnonzero(positive), np.flatnonzero(negative)
+    top = pos[np.argsort(-p[pos], kind="stable")][:n]
+    rest = np.setdiff1d(pos, top)
     return {
-        "tp": pos[np.argsort(-p[pos], kind="stable")][:n].tolist(),
-        "fn": pos[np.argsort(p[pos], kind="stable")][:n].tolist(),
+        "tp": top.tolist(),
+        "fn": rest[np.argsort(p[rest], kind="stable")][:n].tolist(),
         "fp": neg[np.argsort(-p[neg], kind="stable")][:n].tolist(),
     }
 
@@ -194,8 +198,8 @@ def explain(run_dir: str | Path, label: str | None = None, n: int = 4, out: str 
     from . import predictions
     from .finished import load_run
 
-    if n < 1:
-        raise UserError(f"--n must be at least 1, got {n}")
+    if not 1 <= n <= MAX_N:
+        raise UserError(f"--n must be 1 to {MAX_N} (images per group, one column each), got {n}")
     run = load_run(run_dir)
     if label is not None and label not in run.labels:
         raise UserError(f"the model of {run.path} has no label {label!r}; its labels: {', '.join(run.labels)}")
@@ -238,7 +242,8 @@ def explain(run_dir: str | Path, label: str | None = None, n: int = 4, out: str 
     result = Explanation(rows, notes, target_layer_name(run.model), inside=inside)
     if write:
         out_dir = Path(out) if out is not None else run.path / "explain"
-        result.paths = _save(_draw(result, run, n), out_dir, label or "explain")
+        columns = max(1, max(len(row.tiles) for row in rows))  # no empty columns when every group is short
+        result.paths = _save(_draw(result, run, columns), out_dir, label or "explain")
     return result
 
 
@@ -300,7 +305,7 @@ def _save(fig, out_dir: Path, name: str) -> list[Path]:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="rtl explain", description="Grad-CAM maps of a finished run's best checkpoint on its test images: "
-        "per label, the most confident true positives, the missed positives and the false positives.")
+        "per label, the highest-scored positives, the lowest-scored positives and the highest-scored negatives.")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the folder of a finished rtl train run")
     parser.add_argument("--label", metavar="L", help="only this label (default: every label of the model)")
     parser.add_argument("--n", type=int, default=4, metavar="N", help="images per group (default 4)")

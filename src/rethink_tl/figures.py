@@ -209,14 +209,12 @@ def tl_vs_ri(summary: pd.DataFrame, models: list[str] | None, note: str, metrics
             top = (mean + std.fillna(0.0)).max(axis=1).to_numpy(dtype=float)
             for x, model in enumerate(models):
                 mark = tl_ri_stars(model, fraction, metric)
+                _star(axes[i, j], x, top[x], mark)
                 if mark and np.isfinite(top[x]):
-                    axes[i, j].annotate(mark, (x, top[x]), xytext=(0, 2), textcoords="offset points",
-                                        ha="center", va="bottom", fontsize=11)
                     highs[-1] = max(highs[-1], top[x] + 0.02)
         _zoom(axes[i], lows, highs)
     legend_below(fig, axes[0, 0], "init")
-    stars_note = ("* TL and RI differ: paired bootstrap over test images, * p<0.05, ** p<0.01, *** p<0.001"
-                  if not _MARKS.empty else "")
+    stars_note = f"TL vs RI {STARS_NOTE}" if not _MARKS.empty else ""
     return finish(fig, title, summary, "; ".join(x for x in (note, stars_note) if x))
 
 
@@ -243,11 +241,16 @@ def fig4(summary: pd.DataFrame, models: list[str] | None = None, note: str = "",
                 frames.append(table.rename(columns=lambda c: INIT_LABEL.get(c, c)))
             lo, hi = bar_panel(axes[i, j], frames[0], frames[1], [INIT_COLOR.get(c, "C2") for c in inits],
                                f"test {name}", f"{pretty(model)}")
-            _zoom(axes[i, j], [lo], [hi])
+            mark = tl_ri_stars(model, fraction, metric)  # over the macro-mean pair, as the comparison is of macros
+            top = float((frames[0] + frames[1].fillna(0.0)).iloc[-1].max())
+            _star(axes[i, j], len(groups) - 1, top, mark)
+            _zoom(axes[i, j], [lo], [hi + (0.02 if mark else 0.0)])
             if i < len(models) - 1:
                 axes[i, j].tick_params(labelbottom=False)
     legend_below(fig, axes[0, 0], "init")
-    return finish(fig, f"TL vs RI per label, {fraction_title(fraction)}", summary, note)
+    stars_note = f"TL vs RI (macro mean) {STARS_NOTE}" if not _MARKS.empty else ""
+    return finish(fig, f"TL vs RI per label, {fraction_title(fraction)}", summary,
+                  "; ".join(x for x in (note, stars_note) if x))
 
 
 def relative_change(model: pd.DataFrame | pd.Series, ref: pd.Series, cols: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -296,9 +299,16 @@ def fig5(summary: pd.DataFrame, models: list[str] | None = None, note: str = "",
         bar_panel(ax, mean, std, colors, f"change in test {name} (%)",
                   f"test {name} relative to DenseNet121 TL (macro {ref[f'{col(metric)}_mean']:.3f})")
         ax.axhline(0.0, color="black", linewidth=0.8)
+        for k, model in enumerate(rivals.index):  # the macro-mean bars of truncated models vs DenseNet121 TL
+            x = len(groups) - 1 - 0.4 + (k + 0.5) * 0.8 / len(rivals)
+            value, sd = mean.iloc[-1, k], (0.0 if np.isnan(std.iloc[-1, k]) else std.iloc[-1, k])
+            _star(ax, x, value + sd if value >= 0 else 0.0,
+                  tl_ri_stars(model, fraction, metric, "truncated/slim vs full TL", "pretrained"))
     legend_below(fig, axes[0, 0], "TL model")
     absent = [pretty(m) for m in (models or []) if m != REFERENCE and m not in rivals.index]
     note = "; ".join(x for x in (f"no finished runs of {', '.join(absent)}" if absent else "", note) if x)
+    if not _MARKS.empty:
+        note = "; ".join(x for x in (note, f"Dens-T* vs DenseNet121 (macro mean) {STARS_NOTE}") if x)
     return finish(fig, f"{', '.join(legend)} vs DenseNet121, all TL, {fraction_title(fraction)}",
                   summary, note, spread_note="bars: 100 (mean / mean of DenseNet121 - 1); error bars: delta-method sd "
                   "of that ratio")
@@ -406,16 +416,27 @@ def draw(name: str, summary: pd.DataFrame, out_dir: str | Path, models: list[str
 _MARKS = pd.DataFrame()
 
 
-def tl_ri_stars(model: str, fraction: float, metric: str) -> str:
-    """``*`` / ``**`` / ``***`` when rtl report's paired bootstrap finds TL and RI of this model differ."""
+def tl_ri_stars(model: str, fraction: float, metric: str, kind: str = "TL vs RI", a_init: str | None = None) -> str:
+    """``*`` / ``**`` / ``***`` when rtl report's paired bootstrap finds a difference: TL vs RI of this model, or
+    (kind="truncated/slim vs full TL") this model with ``a_init`` vs its full model with TL."""
     from .compare import stars
 
     c = _MARKS
     if c.empty:
         return ""
-    hit = c[(c["comparison"] == "TL vs RI") & (c["a_model"] == model) & np.isclose(c["fraction"], fraction)
-            & (c["metric"] == metric)]
+    hit = c[(c["comparison"] == kind) & (c["a_model"] == model) & np.isclose(c["fraction"], fraction)
+            & (c["metric"] == metric) & (c.get("scored_on", "test split") == "test split")]
+    if a_init is not None:
+        hit = hit[hit["a_init"] == a_init]
     return stars(float(hit["p_bootstrap"].iloc[0])) if len(hit) == 1 else ""
+
+
+def _star(ax, x: float, top: float, mark: str) -> None:
+    if mark and np.isfinite(top):
+        ax.annotate(mark, (x, top), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=11)
+
+
+STARS_NOTE = "* differ by a paired bootstrap over test images: * p<0.05, ** p<0.01, *** p<0.001"
 
 
 def _draw(name: str, summary: pd.DataFrame, out_dir: str | Path, models: list[str] | None = None,

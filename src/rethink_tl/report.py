@@ -39,7 +39,7 @@ from .atomic_io import write_bytes, write_csv
 from .errors import UserError
 from .results import (CELL, EXTERNAL_MARK, GROUP, PROVENANCE, RESULTS_FILE, SAME_WITHIN_GROUP, BrokenRun, Run,
                       is_metric, label_names, read_run, run_dirs)
-from .stats import RESAMPLES, SEED
+from .stats import MAX_RESAMPLES, RESAMPLES, SEED
 
 # The metrics' names in tables and figures; the first two are what tables and figures show by default.
 METRIC_NAMES = {"auroc": "AUROC", "auprc": "AUPRC", "auprc_trapz": "AUPRC (trapezoid)"}
@@ -367,8 +367,11 @@ def report(root: str | Path, figure: str | None = None, out: str | Path | None =
     comparisons of MODEL/INIT pairs to the paper's (compare.py)."""
     metrics = tuple(metrics)
     compare = [tuple(pair) for pair in (compare or [])]
-    if resamples < 0 or (0 < resamples < 100):
-        raise UserError(f"--resamples {resamples}: use 0 (no intervals) or at least 100 (2000 is the default)")
+    if resamples < 0 or (0 < resamples < 100) or resamples > MAX_RESAMPLES:
+        raise UserError(f"--resamples {resamples}: use 0 (no intervals) or 100 to {MAX_RESAMPLES:,} (2000 is the "
+                        "default)")
+    if seed < 0:
+        raise UserError(f"--seed {seed}: use a whole number of 0 or more")
     if compare and not resamples:
         raise UserError("--compare needs bootstrap resamples: drop --resamples 0")
     unknown = [m for m in metrics if m not in METRIC_NAMES]
@@ -573,8 +576,12 @@ def external_runs(root: Path, runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for run_dir, seed in zip(runs["run_dir"], runs["seed"]):
         for file in sorted((root / run_dir / "external").glob(f"*/{RESULTS_FILE}")):
-            rows.append({"run_dir": _rel(file.parent, root), "seed": int(seed)})
-    return pd.DataFrame(rows, columns=["run_dir", "seed"])
+            try:
+                scores = pd.read_csv(file, usecols=["test_auroc", "test_auprc"]).iloc[0].to_dict()
+            except (OSError, ValueError, IndexError, pd.errors.ParserError, pd.errors.EmptyDataError):
+                scores = {}
+            rows.append({"run_dir": _rel(file.parent, root), "seed": int(seed), **scores})
+    return pd.DataFrame(rows, columns=["run_dir", "seed", "test_auroc", "test_auprc"])
 
 
 def markdown_external(external: pd.DataFrame) -> str:

@@ -32,6 +32,7 @@ import scipy.stats
 from .errors import UserError
 
 RESAMPLES = 2000
+MAX_RESAMPLES = 100_000  # the bootstrap distribution is kept: 8 bytes x rows x resamples
 SEED = 0
 LEVEL = 0.95
 BATCH = 100  # resamples scored at once (memory: BATCH x images x 8 bytes per array)
@@ -118,17 +119,18 @@ class Holdout:
     label_names: list[str]
     units: np.ndarray  # (N,) int: the patient (or image) of each image, 0..U-1
     unit_kind: str  # "patients" or "images"
+    where: str = "test split"  # what the images are, for messages
 
     @classmethod
     def of(cls, labels: np.ndarray, mask: np.ndarray, label_names: Sequence[str],
-           patients: Optional[Sequence[str]]) -> "Holdout":
+           patients: Optional[Sequence[str]], where: str = "test split") -> "Holdout":
         if patients is not None:
             _, units = np.unique(np.asarray(patients, dtype=object).astype(str), return_inverse=True)
             kind = "patients"
         else:
             units, kind = np.arange(len(labels)), "images"
         return cls(np.asarray(labels) > 0.5, np.asarray(mask, dtype=bool), list(label_names), units.astype(np.int64),
-                   kind)
+                   kind, where)
 
     @property
     def n_units(self) -> int:
@@ -144,8 +146,9 @@ class Holdout:
             if min(pos, neg) < minimum:
                 raise TooFewImages(
                     f"label {label!r} has {pos} {self.unit_kind} with a positive and {neg} with a negative in the "
-                    f"test split: too few for a bootstrap interval or a test (at least {minimum} of each are "
-                    "needed; 10 or more for a useful interval): use a larger test split")
+                    f"{self.where}: too few for a bootstrap interval or a test (at least {minimum} of each are "
+                    "needed; 10 or more for a useful interval)"
+                    + (": use a larger test split" if self.where == "test split" else ""))
 
 
 class Statistic:
@@ -226,9 +229,9 @@ def bootstrap(test: Holdout, settings: list[Scored], rows: list[tuple], resample
         ok = dist[i][~np.isnan(dist[i])]
         undefined = resamples - len(ok)
         if undefined > 0.01 * resamples:
-            raise TooFewImages(f"{undefined} of {resamples} bootstrap resamples of the test {test.unit_kind} leave a "
-                               "label without a positive or a negative: too few for a bootstrap interval; use a "
-                               "larger test split")
+            raise TooFewImages(f"{undefined} of {resamples} bootstrap resamples of the {test.unit_kind} of the "
+                               f"{test.where} leave a label without a positive or a negative: too few for a bootstrap "
+                               "interval")
         if undefined:  # scipy's percentile interval, over the defined resamples only
             low, high = np.quantile(ok, [(1 - level) / 2, (1 + level) / 2])
         else:
