@@ -183,6 +183,8 @@ def test_report_writes_intervals_and_the_comparisons_table(sweep, tmp_path):
     again = tmp_path / "again"
     report(sweep, out=again, resamples=300, seed=7, compare=[(f"{CUT1}/pretrained", f"{CUT0}/pretrained")])
     assert (again / "comparisons.csv").read_bytes() == (out / "comparisons.csv").read_bytes()
+    report(sweep, out=again, resamples=0)  # no intervals asked for: the earlier comparisons must not stay behind
+    assert not (again / "comparisons.csv").exists() and "test_auroc_ci_low" not in pd.read_csv(again / "summary.csv")
 
 
 def test_report_cli_refuses_an_unknown_compare_side_and_too_few_images(sweep, tmp_path, capsys):
@@ -294,3 +296,24 @@ def test_tl_vs_ri_figure_marks_significant_differences(sweep, tmp_path):
     texts = {(i, t.get_text(), t.xy[0]) for i, ax in enumerate(fig.axes) for t in ax.texts}
     assert texts == {(1, "**", 1)}  # the AUPRC panel (second row), above the second model's bars
     assert "paired bootstrap" in fig.texts[0].get_text() or any("paired bootstrap" in t.get_text() for t in fig.texts)
+
+
+def test_only_settings_equal_apart_from_init_or_model_are_paired():
+    from rethink_tl.compare import pairs
+
+    rows = [("res_f", "pretrained", "train.lr=0.1"), ("res_f", "random", "train.lr=0.01"),  # other lr: no pair
+            ("dens_f", "pretrained", ""), ("dens_f", "random", ""), ("dens_t1", "pretrained", ""),
+            ("dens_t1", "random", ""), ("res_t1", "pretrained", "train.lr=0.01")]  # no res_f TL at lr 0.01
+    summary = pd.DataFrame([{"dataset": "d", "fraction": 1.0, "model": m, "init": i, "settings": s} for m, i, s in rows])
+    found, notes = pairs(summary, [])
+    named = {(kind, summary.loc[a, "model"], summary.loc[a, "init"], summary.loc[b, "model"], summary.loc[b, "init"])
+             for kind, a, b in found}
+    assert named == {("TL vs RI", "dens_f", "pretrained", "dens_f", "random"),
+                     ("TL vs RI", "dens_t1", "pretrained", "dens_t1", "random"),
+                     ("truncated/slim vs full TL", "dens_t1", "pretrained", "dens_f", "pretrained"),
+                     ("truncated/slim vs full TL", "dens_t1", "random", "dens_f", "pretrained")}
+    assert any("res_f TL [train.lr=0.1] has no RI counterpart" in n for n in notes)
+    assert any("res_t1 TL [train.lr=0.01] has no res_f TL with the same settings" in n for n in notes)
+    # External rows trained on different datasets are not paired.
+    ext = summary.iloc[2:4].assign(trained_on=["a", "b"])
+    assert pairs(ext, [])[0] == []

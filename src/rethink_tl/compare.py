@@ -35,6 +35,10 @@ from .stats import LEVEL, STAT_METRICS, Scored, Holdout, TooFewImages, bootstrap
 FULL_OF = ((re.compile(r"^res_[ts]\d+$"), "res_f"), (re.compile(r"^dens_[ts]\d+$"), "dens_f"),
            (re.compile(r"^trunc-(.+)-cut\d+$"), r"timm-\1"))
 INIT_SHORT = {"pretrained": "TL", "random": "RI"}
+# comparisons.csv
+COLUMNS = ["dataset", "scored_on", "fraction", "comparison", "a", "b", "a_model", "a_init", "b_model", "b_init",
+           "seeds", "metric", "difference", "ci_low", "ci_high", "p_bootstrap", "p_delong", "se_delong", "units",
+           "resamples", "seed"]
 
 
 def full_model(tag: str) -> str | None:
@@ -122,26 +126,29 @@ def _test_set(sides: list[tuple[Scored, object, list[str]]], where: str = "test 
 def pairs(summary: pd.DataFrame, asked: list[tuple[str, str]]) -> tuple[list[tuple[str, int, int]], list[str]]:
     """(kind, index of A, index of B) for every comparison, and notes on pairs that could not be made."""
     out, notes = [], []
-    key = ["dataset", "fraction"]
-    for (dataset, fraction), cell in summary.groupby(key, sort=False):
-        where = f"{dataset} f{fraction:g}"
+    # External rows (rtl evaluate) of models trained on different datasets are never paired.
+    key = ["dataset", "fraction", *(["trained_on"] if "trained_on" in summary.columns else [])]
+    for values, cell in summary.groupby(key, sort=False):
+        where = f"{values[0]} f{values[1]:g}"
         for model, rows in cell.groupby("model", sort=False):
             tl, ri = rows[rows["init"] == "pretrained"], rows[rows["init"] == "random"]
             for i, a in tl.iterrows():
-                match = ri[ri["settings"] == a["settings"]] if len(ri) > 1 else ri
+                match = ri[ri["settings"] == a["settings"]]  # the same settings apart from init, or no pair
                 if len(match) == 1:
                     out.append(("TL vs RI", i, match.index[0]))
                 elif len(ri):
-                    notes.append(f"{where}: {model} TL vs RI not compared: several RI settings")
+                    notes.append(f"{where}: {describe(a)} has no RI counterpart with the same settings: TL vs RI "
+                                 "not compared")
         for i, a in cell.iterrows():
             full = full_model(str(a["model"]))
             if full is None:
                 continue
             ref = cell[(cell["model"] == full) & (cell["init"] == "pretrained")]
-            if len(ref) > 1:
-                ref = ref[ref["settings"] == a["settings"]]
-            if len(ref) == 1:
-                out.append(("truncated/slim vs full TL", i, ref.index[0]))
+            same = ref[ref["settings"] == a["settings"]]
+            if len(same) == 1:
+                out.append(("truncated/slim vs full TL", i, same.index[0]))
+            elif len(ref):
+                notes.append(f"{where}: {describe(a)} has no {full} TL with the same settings: not compared")
         for left, right in asked:
             a_rows, b_rows = _select(cell, left), _select(cell, right)
             if len(a_rows) == 1 and len(b_rows) == 1:
@@ -278,7 +285,7 @@ def evidence(summary: pd.DataFrame, runs: pd.DataFrame, root: Path, asked: list[
                              "se_delong": dl.se if m == "auroc" else np.nan,
                              "units": f"{test.n_units} {test.unit_kind}", "resamples": resamples, "seed": seed})
     ev.summary = summary
-    ev.comparisons = pd.DataFrame(rows)
+    ev.comparisons = pd.DataFrame(rows, columns=COLUMNS)
     ev.unit = " or ".join(sorted(units)) or "images"
     return ev
 

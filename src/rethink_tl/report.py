@@ -442,6 +442,8 @@ def report(root: str | Path, figure: str | None = None, out: str | Path | None =
                           + markdown_per_label(summary, metric))
 
     problems = []
+    if ev is None:
+        (out / "comparisons.csv").unlink(missing_ok=True)  # --resamples 0: an earlier report's would mislead
     external, ext_notes = external_results(root, runs, summary)
     ext_ev = None
     if not external.empty:
@@ -453,13 +455,15 @@ def report(root: str | Path, figure: str | None = None, out: str | Path | None =
         write_csv(external.drop(columns="run_dirs"), out / "external.csv")
         tables.append("\nexternal validation (rtl evaluate: each run's best checkpoint scored on another dataset; "
                       "also in external.csv)\n\n" + markdown_external(external))
+    else:
+        (out / "external.csv").unlink(missing_ok=True)  # from an earlier report: no longer true
     notes += [(f"WARNING: {n}", []) for n in ext_notes]
     problems += [f"external results {n}" for n in ext_notes]
     if ev is not None:
-        from .compare import markdown as comparisons_markdown, method_note
+        from .compare import COLUMNS, markdown as comparisons_markdown, method_note
 
         both = [e.comparisons for e in (ev, ext_ev) if e is not None and not e.comparisons.empty]
-        comparisons = pd.concat(both, ignore_index=True) if both else pd.DataFrame()
+        comparisons = pd.concat(both, ignore_index=True) if both else pd.DataFrame(columns=COLUMNS)
         write_csv(comparisons, out / "comparisons.csv")
         if not comparisons.empty:
             tables.append("\ncomparisons (paired, over the test images; also in comparisons.csv)\n\n"
