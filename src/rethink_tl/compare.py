@@ -65,18 +65,16 @@ class Evidence:
 
 
 class _Loader:
-    """Test predictions per run folder, read once."""
+    """One split of each run folder's predictions file, with its label names: read once."""
 
     def __init__(self, root: Path, split: str = "test"):
         self.root, self.split, self.cache = root, split, {}
 
-    def test(self, run_dir: str):
+    def __call__(self, run_dir: str):
         if run_dir not in self.cache:
-            self.cache[run_dir] = read_predictions(self.root / run_dir / PREDICTIONS_FILE).split(self.split)
+            pred = read_predictions(self.root / run_dir / PREDICTIONS_FILE)
+            self.cache[run_dir] = pred.split(self.split), pred.label_names
         return self.cache[run_dir]
-
-    def label_names(self, run_dir: str) -> list[str]:
-        return read_predictions(self.root / run_dir / PREDICTIONS_FILE).label_names
 
 
 def _check_file(run: pd.Series, sp, labels: list[str], path: Path) -> None:
@@ -97,30 +95,31 @@ class BadPredictions(UserError):
 def _side(loader: _Loader, row: pd.Series, runs: pd.DataFrame) -> tuple[Scored, object, list[str]]:
     """A summary row as Scored (seed -> test probabilities), its first run's test split and label names."""
     members = runs[runs["run_dir"].isin(row["run_dirs"])]
-    probs, first, names = {}, None, None
+    probs, first = {}, None
     for _, run in members.iterrows():
-        sp = loader.test(run["run_dir"])
-        labels = loader.label_names(run["run_dir"])
+        sp, labels = loader(run["run_dir"])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SingleClassWarning)  # results.csv has NaN there too; compared as such
             _check_file(run, sp, labels, loader.root / run["run_dir"] / PREDICTIONS_FILE)
         if first is None:
-            first, names = sp, labels
-        elif sp.ids != first.ids or labels != names or not np.array_equal(sp.labels, first.labels) \
-                or not np.array_equal(sp.mask, first.mask):
+            first = (sp, labels)
+        elif _test_key(sp, labels) != _test_key(*first):
             raise UserError(f"the seeds of {describe(row)} were tested on different images or labels")
         probs[int(run["seed"])] = sp.probs
-    return Scored(describe(row), probs), first, names
+    return Scored(describe(row), probs), *first
 
 
-def _test_set(sides: list[tuple[Scored, object, list[str]]], where: str = "test split") -> Holdout:
-    first, names = sides[0][1], sides[0][2]
-    for scored, sp, labels in sides[1:]:
-        if sp.ids != first.ids or labels != names or not np.array_equal(sp.labels, first.labels) \
-                or not np.array_equal(sp.mask, first.mask):
-            raise UserError(f"{sides[0][0].name} and {scored.name} were tested on different images or labels, so "
-                            "they cannot be compared image by image")
-    return Holdout.of(first.labels, first.mask, names, first.patients, where)
+def _test_key(sp, names: list[str]) -> str:
+    """Equal for predictions of the same images with the same labels: such settings share one bootstrap."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for part in ("\n".join(sp.ids), "\n".join(names), "\n".join(sp.patients or [])):
+        h.update(part.encode())
+        h.update(b"\0")
+    h.update(np.ascontiguousarray(sp.labels, dtype=np.float32).tobytes())
+    h.update(np.ascontiguousarray(sp.mask, dtype=bool).tobytes())
+    return h.hexdigest()
 
 
 def pairs(summary: pd.DataFrame, asked: list[tuple[str, str]]) -> tuple[list[tuple[str, int, int]], list[str]]:
@@ -183,20 +182,6 @@ def check_asked(summary: pd.DataFrame, asked: list[tuple[str, str]]) -> None:
                             f"there are: {', '.join(have)}")
 
 
-def _test_key(side: tuple[Scored, object, list[str]]) -> str:
-    """Equal for settings tested on the same images with the same labels: they share one bootstrap."""
-    import hashlib
-
-    _, sp, names = side
-    h = hashlib.sha256()
-    for part in ("\n".join(sp.ids), "\n".join(names), "\n".join(sp.patients or [])):
-        h.update(part.encode())
-        h.update(b"\0")
-    h.update(np.ascontiguousarray(sp.labels, dtype=np.float32).tobytes())
-    h.update(np.ascontiguousarray(sp.mask, dtype=bool).tobytes())
-    return h.hexdigest()
-
-
 def evidence(summary: pd.DataFrame, runs: pd.DataFrame, root: Path, asked: list[tuple[str, str]],
              resamples: int, seed: int, split: str = "test") -> Evidence:
     """Intervals for every summary row and the comparisons, on the runs' ``split`` predictions ("test", or
@@ -235,7 +220,7 @@ def evidence(summary: pd.DataFrame, runs: pd.DataFrame, root: Path, asked: list[
         ra, rb = summary.loc[a], summary.loc[b]
         what = f"{ra['dataset']} f{ra['fraction']:g}: {describe(ra)} vs {describe(rb)}"
         reason = ("a side has no usable predictions (see above)" if a not in sides or b not in sides else
-                  "they were tested on different images or labels" if _test_key(sides[a]) != _test_key(sides[b]) else
+                  "they were tested on different images or labels" if _test_key(*sides[a][1:]) != _test_key(*sides[b][1:]) else
                   "the two sides share no seed" if not set(sides[a][0].probs) & set(sides[b][0].probs) else "")
         if reason:
             ev.notes.append(f"{what}: not compared: {reason}")
@@ -246,7 +231,7 @@ def evidence(summary: pd.DataFrame, runs: pd.DataFrame, root: Path, asked: list[
 
     groups: dict[str, list[int]] = {}
     for i in sides:
-        groups.setdefault(_test_key(sides[i]), []).append(i)
+        groups.setdefault(_test_key(*sides[i][1:]), []).append(i)
     rows, units = [], set()
     for members in groups.values():
         index = {i: k for k, i in enumerate(members)}
@@ -254,7 +239,8 @@ def evidence(summary: pd.DataFrame, runs: pd.DataFrame, root: Path, asked: list[
         mine = [(kind, a, b) for kind, a, b in compared if a in index]
         spec = [("mean", m, index[i]) for i in members for m in STAT_METRICS]
         spec += [("diff", m, index[a], index[b]) for _, a, b in mine for m in STAT_METRICS]
-        test = _test_set([sides[members[0]]], "test split" if split == "test" else "external images")
+        _, sp, names = sides[members[0]]
+        test = Holdout.of(sp.labels, sp.mask, names, sp.patients, "test split" if split == "test" else "external images")
         try:
             found_iv = bootstrap(test, settings, spec, resamples, seed)
         except TooFewImages as err:

@@ -362,7 +362,7 @@ def main(argv: list[str]) -> None:
     channels_of: dict[str, Optional[int]] = {}
     labels_of: dict[str, list[str]] = {}  # the external labels per data config, read from its tables only
     for path in paths:
-        run = load_run(path)
+        run = load_run(path, model=False)  # each model is loaded when its turn comes: a sweep holds one at a time
         data, notes = data_for_run(base, given, run.cfg.data, channels_of)
         check_other_data(run.cfg.data, data)
         key = json.dumps(plain(data), sort_keys=True, default=str)
@@ -372,7 +372,6 @@ def main(argv: list[str]) -> None:
         check_replace(path / EXTERNAL_DIR / name, plain(data), args.split, args.force,
                       dict(zip(match.model, match.data)))
         plans.append(Planned(path, data, key, labels_of[key], match, notes))
-        del run  # the model: loaded again when its turn comes, so a sweep holds one at a time
     skipped = [p for p in run_dirs(Path(args.run_dir)) if (p / RESULTS_FILE).is_file() and p not in paths]
     if skipped:
         print(f"skipped {len(skipped)} finished run(s) without best.pt: {', '.join(map(str, skipped[:3]))}"

@@ -131,12 +131,10 @@ def grad_cam(model: nn.Module, images: torch.Tensor, label_index: int, batch_siz
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from .engine import Batcher
+    from .finished import eval_batcher
 
     info = model.info
-    device = next(model.parameters()).device
-    batcher = Batcher(torch.tensor(info.mean, device=device).view(1, 3, 1, 1),
-                      torch.tensor(info.std, device=device).view(1, 3, 1, 1), device, channels_last=False)
+    batcher = eval_batcher(model)
     layer = target_layer(model)
     maps = []
     with GradCAM(model=model, target_layers=[layer]) as cam:

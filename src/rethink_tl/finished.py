@@ -25,7 +25,7 @@ class FinishedRun:
     cfg: DictConfig  # the resolved config the run wrote (config.yaml)
     row: dict[str, Any]  # its results.csv row
     labels: list[str]  # the model's outputs, in order
-    model: torch.nn.Module  # best.pt loaded, in eval mode, on the CPU
+    model: torch.nn.Module | None  # best.pt loaded, in eval mode, on the CPU (None: load_run(..., model=False))
     best_epoch: int
 
     @property
@@ -37,8 +37,9 @@ class FinishedRun:
         return f"{self.row['model']}/{self.row['init']}/f{float(self.row['fraction']):g}/s{int(self.row['seed'])}"
 
 
-def load_run(path: str | Path) -> FinishedRun:
-    """The finished run in ``path`` with its best checkpoint loaded; UserError when it is not one."""
+def load_run(path: str | Path, model: bool = True) -> FinishedRun:
+    """The finished run in ``path`` with its best checkpoint loaded (``model=False``: checked to be there, not
+    loaded); UserError when it is not one."""
     from .models import build_model
 
     path = Path(path)
@@ -70,6 +71,8 @@ def load_run(path: str | Path) -> FinishedRun:
     if not labels:
         raise UserError(f"{path / 'results.csv'} names no label (no test_auroc_<label> column): made by an older rtl? "
                         "run it again with runtime.force=true")
+    if not model:
+        return FinishedRun(path, cfg, run.row, labels, None, int(run.row.get("best_epoch", 0)))
     model = build_model(cfg.model, num_labels=len(labels), image_size=int(cfg.data.image_size))
     state = atomic_io.load(best, fix="run the run again with runtime.force=true")
     try:
@@ -90,16 +93,23 @@ def finished_below(root: str | Path) -> list[Path]:
     return [p for p in run_dirs(root) if (p / "results.csv").is_file() and (p / "best.pt").is_file()]
 
 
-def infer(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
-    """Sigmoid outputs (N, L) float32 for uint8 images (N, C, H, W), normalised as the model was trained."""
-    from .data import Split
-    from .engine import Batcher, predict
+def eval_batcher(model: torch.nn.Module):
+    """uint8 images -> the model's input, normalised as it was trained (engine.Batcher without augmentation)."""
+    from .engine import Batcher
 
     info = model.info
     device = next(model.parameters()).device
     mean = torch.tensor(info.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(info.std, device=device).view(1, 3, 1, 1)
-    batcher = Batcher(mean, std, device, channels_last=False)
+    return Batcher(mean, std, device, channels_last=False)
+
+
+def infer(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    """Sigmoid outputs (N, L) float32 for uint8 images (N, C, H, W), normalised as the model was trained."""
+    from .data import Split
+    from .engine import predict
+
+    batcher = eval_batcher(model)
     n = len(images)
     split = Split(images, torch.zeros(n, 1), torch.ones(n, 1, dtype=torch.bool), [str(i) for i in range(n)])
     return predict(model, split, batcher, batch_size).astype(np.float32)

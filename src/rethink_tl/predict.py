@@ -32,6 +32,7 @@ import torch
 from omegaconf import DictConfig
 
 from . import atomic_io
+from .data.cache import _unreadable
 from .data.images import DECODE_ERRORS, ImageSpec, decode_image, header_channels
 from .errors import UserError
 from .finished import FinishedRun, finished_below, infer, load_run
@@ -70,14 +71,6 @@ def image_reason(path: str) -> int | str:
         return _unreadable(err)
 
 
-def _unreadable(err: Exception) -> str:
-    from PIL import UnidentifiedImageError
-
-    if isinstance(err, UnidentifiedImageError):  # its text repeats the whole path
-        return "not an image file PIL can identify"
-    return f"unreadable: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
-
-
 def training_channels(data: DictConfig) -> Optional[int]:
     """The channels of the images the run trained on: ``data.channels`` when fixed; for ``auto`` what the
     data cache resolved (3 if any readable image of the dataset is colour, else 1), from the headers of the
@@ -88,11 +81,11 @@ def training_channels(data: DictConfig) -> Optional[int]:
         setting = str(data.channels)
         if setting != "auto":
             return int(setting)
-        from .data import DATASETS, chexpert, csvlist  # noqa: F401  (importing them registers them)
+        from .data import _lookup
 
         try:
-            paths = DATASETS[kind].plan(data).paths
-        except (UserError, KeyError):
+            paths = _lookup(data).plan(data).paths
+        except UserError:
             return None
         found = None
         for path in paths:  # stops at the first colour image, as one is enough

@@ -444,13 +444,13 @@ def report(root: str | Path, figure: str | None = None, out: str | Path | None =
     problems = []
     if ev is None:
         (out / "comparisons.csv").unlink(missing_ok=True)  # --resamples 0: an earlier report's would mislead
-    external, ext_notes = external_results(root, runs, summary)
+    external, external_rows, ext_notes = external_results(root, runs, summary)
     ext_ev = None
     if not external.empty:
         if resamples:
             from .compare import evidence
 
-            ext_ev = evidence(external, external_runs(root, runs), root, compare, resamples, seed, split="external")
+            ext_ev = evidence(external, external_rows, root, compare, resamples, seed, split="external")
             external = ext_ev.summary
         write_csv(external.drop(columns="run_dirs"), out / "external.csv")
         tables.append("\nexternal validation (rtl evaluate: each run's best checkpoint scored on another dataset; "
@@ -530,10 +530,12 @@ def report(root: str | Path, figure: str | None = None, out: str | Path | None =
 EXTERNAL_KEY = ["trained_on", "dataset", "model", "init", "strategy", "fraction", "setting_id"]
 
 
-def external_results(root: Path, runs: pd.DataFrame, summary: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """rtl evaluate's results of the reported runs (<run>/external/<name>/results.csv), one row per source setting
-    and external dataset: mean and sd over seeds, like the summary; and why any were left out (a file that cannot
-    be read, or results of a checkpoint the run has replaced since)."""
+def external_results(root: Path, runs: pd.DataFrame,
+                     summary: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """rtl evaluate's results of the reported runs (<run>/external/<name>/results.csv): one row per source setting
+    and external dataset (mean and sd over seeds, like the summary), the results rows themselves (what
+    compare.evidence pairs seeds by), and why any were left out (a file that cannot be read, or results of a
+    checkpoint the run has replaced since)."""
     rows, notes = [], []
     labels = {str(k): v for k, v in zip(summary.get("setting_id", []), summary.get("settings", []))}
     finished = runs["finished"] if "finished" in runs.columns else pd.Series(None, index=runs.index)
@@ -559,7 +561,7 @@ def external_results(root: Path, runs: pd.DataFrame, summary: pd.DataFrame) -> t
                 continue
             rows.append({**row, "run_dir": _rel(file.parent, root)})
     if not rows:
-        return pd.DataFrame(), notes
+        return pd.DataFrame(), pd.DataFrame(), notes
     ext = pd.DataFrame(rows)
     ext["setting_id"] = ext["setting_id"].fillna("")
     metric_cols = [c for c in ext.columns if is_metric(str(c)) and str(c).startswith("test_")]
@@ -572,20 +574,7 @@ def external_results(root: Path, runs: pd.DataFrame, summary: pd.DataFrame) -> t
     out["run_dirs"] = grouped["run_dir"].agg(list)
     out = out.reset_index()
     out.insert(len(EXTERNAL_KEY), "settings", [labels.get(str(k), "") for k in out["setting_id"]])
-    return out, notes
-
-
-def external_runs(root: Path, runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per external result folder with its seed: what compare.evidence pairs by."""
-    rows = []
-    for run_dir, seed in zip(runs["run_dir"], runs["seed"]):
-        for file in sorted((root / run_dir / "external").glob(f"*/{RESULTS_FILE}")):
-            try:
-                scores = pd.read_csv(file, usecols=["test_auroc", "test_auprc"]).iloc[0].to_dict()
-            except (OSError, ValueError, IndexError, pd.errors.ParserError, pd.errors.EmptyDataError):
-                scores = {}
-            rows.append({"run_dir": _rel(file.parent, root), "seed": int(seed), **scores})
-    return pd.DataFrame(rows, columns=["run_dir", "seed", "test_auroc", "test_auprc"])
+    return out, ext, notes
 
 
 def markdown_external(external: pd.DataFrame) -> str:

@@ -218,8 +218,8 @@ def bootstrap(test: Holdout, settings: list[Scored], rows: list[tuple], resample
     of units, so every row gets the same interval whether it is computed alone or with others."""
     test.check()
     stat = Statistic(test, settings, rows)
-    observed = stat(np.arange(test.n_units))[:, 0]
     units = np.arange(test.n_units)
+    observed = stat(units)[:, 0]
     res = scipy.stats.bootstrap((units,), stat, n_resamples=resamples, batch=BATCH, vectorized=True,
                                 method="percentile", confidence_level=level, rng=np.random.default_rng(seed))
     dist = np.atleast_2d(res.bootstrap_distribution)
