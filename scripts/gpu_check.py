@@ -115,7 +115,7 @@ def _where(err: BaseException) -> str:
 def sync_check(device: str, amp: str, sizes: Sizes) -> Check:
     from rethink_tl import engine
     from rethink_tl.data.base import Split
-    from rethink_tl.data.synthetic import generate_split
+    from rethink_tl.data.renderer import generate_split
     from rethink_tl.models import build_model
 
     cfg = _compose([*sizes.model, f"data.image_size={sizes.image_size}", f"train.batch_size={sizes.batch}",
@@ -254,7 +254,7 @@ def pretrain_check(device: str, out: Path, dry: bool) -> Check:
 
     import pandas as pd
 
-    from rethink_tl.data.folder_gen import make_imagefolder
+    from rethink_tl.bench.folders import make_imagefolder
 
     name = "rtl pretrain cbr_small 1 epoch + bench-pretrain"
     per_class = 8 if dry else 128  # bench-pretrain reads 1 + bench.batches batches of one epoch

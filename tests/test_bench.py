@@ -13,7 +13,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from rethink_tl import bench
+from rethink_tl.bench import loop as bench
 from test_cli import rtl
 
 ROOT = Path(__file__).resolve().parents[1]

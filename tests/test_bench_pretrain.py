@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
-from rethink_tl.bench import PIPELINE_COLUMNS
+from rethink_tl.bench.pipeline import PIPELINE_COLUMNS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,7 @@ from conftest import compose_cfg
 from datagen import make_npz
 from rethink_tl.data import build_data, plan
 from rethink_tl.data.base import balance
-from rethink_tl.data.synthetic import generate_labels, generate_split
+from rethink_tl.data.renderer import generate_labels, generate_split
 
 
 def test_balance_counts_negatives_per_positive_among_counted_cells():

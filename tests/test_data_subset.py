@@ -9,6 +9,7 @@ import pytest
 
 from conftest import TINY_DATA, compose_cfg
 from rethink_tl import config as C
+from rethink_tl import identity as ID
 from rethink_tl.data import build_data, plan
 from rethink_tl.data.splits import subset_seed
 from rethink_tl.errors import UserError
@@ -62,10 +63,10 @@ def test_per_seed_subsets_differ_keep_their_size_and_positives():
 
 
 def test_per_seed_runs_are_one_setting():
-    ids = [C.identity(cfg("data.subset=per_seed", f"train.seed={s}")) for s in (0, 1)]
+    ids = [ID.identity(cfg("data.subset=per_seed", f"train.seed={s}")) for s in (0, 1)]
     assert ids[0] != ids[1] and ids[0]["data.subset"] == "per_seed"
-    assert C.setting_id(ids[0]) == C.setting_id(ids[1])
-    assert C.setting_id(C.identity(cfg("train.seed=0"))) != C.setting_id(ids[0])  # fixed is another setting
+    assert ID.setting_id(ids[0]) == ID.setting_id(ids[1])
+    assert ID.setting_id(ID.identity(cfg("train.seed=0"))) != ID.setting_id(ids[0])  # fixed is another setting
 
 
 def test_plan_shows_the_subset_a_run_would_train_on():

@@ -13,7 +13,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from rethink_tl.data.synthetic import LABELS, generate_split
+from rethink_tl.data.renderer import LABELS, generate_split
 from rethink_tl.errors import UserError
 
 

@@ -17,10 +17,10 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from conftest import fails_in_one_line, train_tiny
 from rethink_tl import cli
-from rethink_tl.data.synthetic import generate_split
-from rethink_tl.finished import finished_below
-from rethink_tl.predictions import read as read_predictions
-from rethink_tl.results import run_dirs
+from rethink_tl.data.renderer import generate_split
+from rethink_tl.inference.finished import finished_below
+from rethink_tl.evidence.predictions import read as read_predictions
+from rethink_tl.evidence.results import run_dirs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -123,14 +123,14 @@ def test_a_single_class_label_is_nan_and_said(run, hospital, capsys):
 
 
 def test_sweep_folder_builds_the_data_once(tmp_path, monkeypatch, capsys):
-    import rethink_tl.data
+    import rethink_tl.inference.evaluate as evaluate_module
 
     sweep = tmp_path / "sweep"
     for seed in (0, 1):
         train_tiny(sweep / f"s{seed}", f"train.seed={seed}", "train.epochs=1")
     built = []
-    real = rethink_tl.data.build_data
-    monkeypatch.setattr(rethink_tl.data, "build_data", lambda cfg, **kw: built.append(cfg) or real(cfg, **kw))
+    real = evaluate_module.build_data
+    monkeypatch.setattr(evaluate_module, "build_data", lambda cfg, **kw: built.append(cfg) or real(cfg, **kw))
     rtl(sweep, "data.seed=7", "data.num_samples=40", "data.prevalence=0.4", "--name", "syn7")
     out = capsys.readouterr().out
     assert len(built) == 1

@@ -19,11 +19,11 @@ import scipy.stats
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from conftest import TINY_DATA, compose_cfg, fails_in_one_line
-from rethink_tl import stats
+from rethink_tl.evidence import stats
 from rethink_tl.cli import main
-from rethink_tl.predictions import PREDICTIONS_FILE, SplitPredictions, read, recompute, write
-from rethink_tl.report import report
-from rethink_tl.stats import Ranked, Scored, Holdout, TooFewImages, bootstrap, delong, weighted_ap, weighted_auroc
+from rethink_tl.evidence.predictions import PREDICTIONS_FILE, SplitPredictions, read, recompute, write
+from rethink_tl.evidence.report import report
+from rethink_tl.evidence.stats import Ranked, Scored, Holdout, TooFewImages, bootstrap, delong, weighted_ap, weighted_auroc
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -280,8 +280,8 @@ def test_report_includes_external_results_and_leaves_out_stale_ones(sweep, tmp_p
 
 
 def test_tl_vs_ri_figure_marks_significant_differences(sweep, tmp_path):
-    from rethink_tl import figures
-    from rethink_tl.report import gather, summarise
+    from rethink_tl.evidence import figures
+    from rethink_tl.evidence.report import gather, summarise
 
     found = gather(sweep)
     summary = summarise(found.runs, found.settings)
@@ -299,7 +299,7 @@ def test_tl_vs_ri_figure_marks_significant_differences(sweep, tmp_path):
 
 
 def test_only_settings_equal_apart_from_init_or_model_are_paired():
-    from rethink_tl.compare import pairs
+    from rethink_tl.evidence.compare import pairs
 
     rows = [("res_f", "pretrained", "train.lr=0.1"), ("res_f", "random", "train.lr=0.01"),  # other lr: no pair
             ("dens_f", "pretrained", ""), ("dens_f", "random", ""), ("dens_t1", "pretrained", ""),

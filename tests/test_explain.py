@@ -18,7 +18,7 @@ from torch import nn
 
 from conftest import compose_cfg, train_tiny
 from rethink_tl.cli import main
-from rethink_tl.explain import explain, grad_cam, pick, target_layer, target_layer_name
+from rethink_tl.inference.explain import explain, grad_cam, pick, target_layer, target_layer_name
 from rethink_tl.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -177,7 +177,7 @@ def test_explain_draws_the_picked_images(run_dir, capsys):
 
 def test_explain_tiles_are_the_runs_test_images(run_dir):
     from rethink_tl.data import build_data
-    from rethink_tl.finished import infer, load_run
+    from rethink_tl.inference.finished import infer, load_run
 
     result = explain(run_dir, label="nodule", n=2, write=False)
     assert [r.group for r in result.rows] == ["tp", "fn", "fp"] and result.layer == "blocks.1.1"

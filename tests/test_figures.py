@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 from matplotlib.container import BarContainer, ErrorbarContainer
 
-from rethink_tl import figures
+from rethink_tl.evidence import figures
 from rethink_tl.errors import UserError
-from rethink_tl.report import design, gather, summarise
+from rethink_tl.evidence.report import design, gather, summarise
 from test_report import metric_values, write_run
 
 

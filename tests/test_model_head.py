@@ -8,6 +8,7 @@ import torchvision
 from torch import nn
 
 from rethink_tl import config as C
+from rethink_tl import identity as ID
 from rethink_tl.cli import _hydra_message
 from rethink_tl.errors import UserError
 from rethink_tl.models import build_model, check_image_size
@@ -169,9 +170,9 @@ def test_defaults_are_pooling_without_dropout_and_both_options_are_part_of_the_i
     cfg = compose_cfg()
     C.validate(cfg)
     assert (cfg.model.head, cfg.model.dropout) == ("pool", 0.0)
-    base = C.identity(cfg)
+    base = ID.identity(cfg)
     assert (base["model.head"], base["model.dropout"]) == ("pool", 0.0)
-    flat = C.identity(compose_cfg(["model.head=flatten"]))
-    assert flat["model.head"] == "flatten" and flat != base and C.setting_id(flat) != C.setting_id(base)
-    assert C.identity(compose_cfg(["model.dropout=0.1"])) != base
-    assert C.identity(compose_cfg(["model.dropout=0"])) == base
+    flat = ID.identity(compose_cfg(["model.head=flatten"]))
+    assert flat["model.head"] == "flatten" and flat != base and ID.setting_id(flat) != ID.setting_id(base)
+    assert ID.identity(compose_cfg(["model.dropout=0.1"])) != base
+    assert ID.identity(compose_cfg(["model.dropout=0"])) == base

@@ -1,5 +1,6 @@
 """Every registered model builds and runs; architectures match the paper's definitions."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,10 @@ from torchvision.models.densenet import _DenseLayer
 
 import rethink_tl
 
-from rethink_tl.config import identity
+from rethink_tl.identity import identity
 from rethink_tl.errors import UserError
 from conftest import compose_cfg
-from rethink_tl.models import MODEL_NAMES, Classifier, ModelInfo, build_model, check_image_size
+from rethink_tl.models import MODEL_NAMES, Classifier, ModelInfo, build_model, canonical_name, check_image_size
 
 # The paper's CBR table, written out again here so the tests do not just echo the implementation:
 # (kernel, channels, max-pool after each conv).
@@ -50,7 +51,7 @@ def cbr_min_size(kernel: int, pools: list[bool]) -> int:
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_every_model_builds_and_predicts_from_its_config_file(name):
     cfg = compose_cfg([f"model={name}"]).model
-    assert cfg.name == name
+    assert cfg.name == canonical_name(name)  # an alias's config names the model it stands for
     model = build_model(cfg, num_labels=3)
     info = model.info
     assert isinstance(model, Classifier) and isinstance(info, ModelInfo)
@@ -244,6 +245,22 @@ def test_trunc_rejects_cuts_out_of_range(cut, message):
 
 
 def test_unknown_timm_backbone_is_a_user_error():
-    for name in ("timm", "trunc"):
+    for cfg in ({"name": "timm"}, {"name": "trunc", "cut": 1}):
         with pytest.raises(UserError, match="timm.list_models"):
-            build_model({"name": name, "backbone": "tf_efficientnet_lite9000", "cut": 1}, 2)
+            build_model({**cfg, "backbone": "tf_efficientnet_lite9000"}, 2)
+
+
+@pytest.mark.parametrize("model_cfg, message", [
+    ({"name": "dens_t1", "cut": 1}, "model.cut=1 does not apply to model=dens_t1 (only to model=trunc): leave it out"),
+    ({"name": "dens_f", "backbone": "resnet18"}, "model.backbone=resnet18 does not apply to model=dens_f (only to "
+     "model=timm / trunc)"),
+    ({"name": "trunc", "backbone": "resnet18"}, "model=trunc needs model.cut"),
+    ({"name": "timm", "backbone": " "}, "model=timm needs model.backbone"),
+])
+def test_model_keys_apply_only_to_the_models_that_read_them(model_cfg, message):
+    from rethink_tl.models import check_model_keys
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        check_model_keys(model_cfg)
+    with pytest.raises(UserError, match=re.escape(message)):
+        build_model(model_cfg, 2)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from rethink_tl import figures
+from rethink_tl.evidence import figures
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -19,8 +19,8 @@ from conftest import fails_in_one_line, compose_cfg, train_tiny
 from datagen import make_csv, write_image
 from rethink_tl import cli
 from rethink_tl.data.images import ImageSpec, decode_image
-from rethink_tl.finished import infer, load_run
-from rethink_tl.predict import training_channels
+from rethink_tl.inference.finished import infer, load_run
+from rethink_tl.data import trained_channels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,19 +61,20 @@ def fail(capsys, *args) -> str:
 
 
 def test_folder_rows_equal_infer_on_the_decoded_images(run, images, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the default --out is predictions.csv in the current folder
+    monkeypatch.chdir(tmp_path)  # the default --out is RUN_DIR/predict/<name of IMAGES>.csv, whatever the folder
     predict(run, images)
     out = capsys.readouterr().out
+    default = Path(run) / "predict" / f"{Path(images).name}.csv"
     assert "5 image files" in out and "1 other file(s) left out: notes.txt" in out
-    assert "wrote 5 rows to predictions.csv" in out
-    df = pd.read_csv(tmp_path / "predictions.csv")
+    assert f"wrote 5 rows to {default}" in out
+    df = pd.read_csv(default)
     assert list(df.columns) == ["path", "prob_opacity", "prob_nodule"]
     assert df.path.tolist() == [str(images / name) for name in FILES]
     probs = df[["prob_opacity", "prob_nodule"]].to_numpy(np.float32)
     assert ((probs >= 0) & (probs <= 1)).all()
     np.testing.assert_array_equal(probs, expected(run, [images / name for name in FILES]))
     # An existing --out is kept unless --force.
-    assert "predictions.csv exists" in fail(capsys, run, images)
+    assert f"{default} exists" in fail(capsys, run, images)
     predict(run, images, "--force")
 
 
@@ -126,9 +127,9 @@ def test_channels_auto_follows_what_training_resolved(run, images, tmp_path, cap
     assert all(grey_is_colour_replicated(images / name) for name, kind in FILES.items() if "rgb" not in kind)
     grey = make_csv(tmp_path / "grey", n=6)
     colour = make_csv(tmp_path / "colour", n=6, kinds=("png8", "rgb"))
-    assert training_channels(compose_cfg(["data=csv", f"data.csv={grey}"]).data) == 1
-    assert training_channels(compose_cfg(["data=csv", f"data.csv={colour}"]).data) == 3
-    assert training_channels(compose_cfg(["data=csv", "data.csv=/gone/images.csv"]).data) is None
+    assert trained_channels(compose_cfg(["data=csv", f"data.csv={grey}"]).data) == 1
+    assert trained_channels(compose_cfg(["data=csv", f"data.csv={colour}"]).data) == 3
+    assert trained_channels(compose_cfg(["data=csv", "data.csv=/gone/images.csv"]).data) is None
 
     # A run trained on a CSV with data.channels=auto (its config rewritten: training takes longer).
     def trained_on(csv):

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from rethink_tl.data.folder_gen import make_imagefolder
+from rethink_tl.bench.folders import make_imagefolder
 from rethink_tl.data.imagefolder import EpochBatches, FolderImages, index_folder
 from rethink_tl.errors import UserError
 from rethink_tl.models import build_model

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from rethink_tl.config import setting_id
+from rethink_tl.identity import setting_id
 from rethink_tl.errors import UserError
-from rethink_tl.report import design, drop_duplicate_seeds, gather, report, summarise
+from rethink_tl.evidence.report import design, drop_duplicate_seeds, gather, report, summarise
 
 LABELS = ["opacity", "nodule"]
 

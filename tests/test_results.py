@@ -7,7 +7,7 @@ import json
 import pytest
 
 from rethink_tl.errors import UserError
-from rethink_tl.results import BrokenRun, label_names, read_run, run_dirs
+from rethink_tl.evidence.results import BrokenRun, label_names, read_run, run_dirs
 from test_report import macro, write_run
 
 

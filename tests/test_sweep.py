@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from conftest import TINY
-from rethink_tl.report import design
+from rethink_tl.evidence.report import design
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -10,7 +10,7 @@ from rethink_tl.data import build_data
 from rethink_tl.models import build_model
 from sklearn.metrics import auc, precision_recall_curve
 
-from rethink_tl.engine import Batcher, evaluate, make_optimizer, predict
+from rethink_tl.engine import Batcher, make_optimizer, predict_probs, score_split
 from rethink_tl.train import run
 
 
@@ -54,7 +54,7 @@ def test_run_writes_outputs_and_tests_the_best_validation_epoch(tmp_path, tiny_c
     model.load_state_dict(checkpoint.load(tmp_path / "best.pt")["model"])
     batcher = Batcher(torch.tensor(model.info.mean).view(1, 3, 1, 1), torch.tensor(model.info.std).view(1, 3, 1, 1),
                       torch.device("cpu"), True)
-    test = evaluate(model, data.test, batcher, 64, data.label_names, "test")
+    test = score_split(model, data.test, batcher, 64, data.label_names, "test")
     assert row["test_auprc"] == pytest.approx(test.macro["auprc"], abs=1e-6)
     assert row["test_auroc"] == pytest.approx(test.macro["auroc"], abs=1e-6)
 
@@ -67,7 +67,7 @@ def test_run_writes_outputs_and_tests_the_best_validation_epoch(tmp_path, tiny_c
 
     # The trapezoid AUPRC (the paper's authors' code) is recorded beside average precision, macro and per label,
     # and is sklearn.metrics.auc(recall, precision) of best.pt's test predictions.
-    probs = predict(model, data.test, batcher, 64)
+    probs = predict_probs(model, data.test, batcher, 64)
     trapz = []
     for j, label in enumerate(data.label_names):
         precision, recall, _ = precision_recall_curve(data.test.labels[:, j].numpy(), probs[:, j])
@@ -118,7 +118,7 @@ def test_learns_above_chance(tmp_path, tiny_cfg):
 
     cfg = tiny_cfg(*LEARNABLE)
     untrained = setup(cfg)  # the model run() starts from: same seed, same data
-    before = evaluate(untrained.model, untrained.data.test, untrained.eval_batcher, 256, untrained.labels,
+    before = score_split(untrained.model, untrained.data.test, untrained.eval_batcher, 256, untrained.labels,
                       "test").macro["auroc"]
     row = run(cfg, tmp_path)
     assert row["test_auroc"] > 0.70 and not math.isnan(row["test_auprc"]), (before, row["test_auroc"])

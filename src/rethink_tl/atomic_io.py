@@ -18,7 +18,7 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 
-from .errors import UserError
+from .errors import DamagedFile, UserError
 
 
 def _umask() -> int:
@@ -27,8 +27,10 @@ def _umask() -> int:
     return mask
 
 
-def write_bytes(path: Path, data: bytes | Callable[[], bytes]) -> None:
-    """Write ``data`` (or what the callable returns) to ``path`` atomically."""
+def write_bytes(path: Path, data: bytes | Callable[[], bytes], *,
+                option: str = "hydra.run.dir / hydra.sweep.dir") -> None:
+    """Write ``data`` (or what the callable returns) to ``path`` atomically. ``option``: what the user sets to
+    choose another place (named in the message when the write fails)."""
     path = Path(path)
     tmp = None
     try:
@@ -44,8 +46,7 @@ def write_bytes(path: Path, data: bytes | Callable[[], bytes]) -> None:
     except OSError as err:
         _discard(tmp)
         raise UserError(f"could not write {path}: {err.strerror or err}; free some disk space or choose a writable "
-                        "output folder (hydra.run.dir / hydra.sweep.dir); the previous version of the file, if any, "
-                        "is intact") from err
+                        f"output folder ({option}); the previous version of the file, if any, is intact") from err
     except BaseException:
         _discard(tmp)
         raise
@@ -70,12 +71,12 @@ def save(obj: Any, path: Path) -> None:
 
 def load(path: Path, map_location: str | torch.device = "cpu", fix: str | None = None) -> Any:
     """torch.load of tensors and plain containers only (weights_only). A damaged or truncated file is a
-    UserError naming the file and ``fix`` (what to do about it)."""
+    DamagedFile naming the file and ``fix`` (what to do about it)."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path} is damaged or incomplete ({reason[:200]}); "
+        raise DamagedFile(f"{path} is damaged or incomplete ({reason[:200]}); "
                         + (fix or "delete it or restore it from a backup")) from err
 
 

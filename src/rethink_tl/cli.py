@@ -1,54 +1,53 @@
-"""``rtl``: the command line.
+"""``rtl``: the command line. Every parser is here, the commands are one table (``COMMANDS``), and one
+translator (``errors_to_exit``) turns what a user can cause into one line on stderr and an exit status.
 
-    rtl train [OVERRIDES]        one run, e.g. rtl train model=dens_t1 init=pretrained
-    rtl train -m [OVERRIDES]     a sweep, e.g. rtl train -m model=dens_t1,dens_f init=random,pretrained
-    rtl data [OVERRIDES]         the split a run would train on (rule, images, class balance), no image read
-    rtl report DIR               gather every run below DIR into DIR/summary.csv and summary.md, with 95% bootstrap
-                                 intervals and paired comparisons (comparisons.csv); --figure figN,
-                                 --metric auroc,auprc,auprc_trapz, --compare A B, --resamples N, --seed S, --out DIR
-    rtl evaluate RUN_DIR [OVERRIDES] [--map M=D]   score a finished run (or every run of a sweep) on another
-                                 dataset, e.g. data=csv data.csv=other.csv: RUN_DIR/external/<name>/
-    rtl predict RUN_DIR IMAGES   per-label probabilities of a trained model for a folder or CSV of images
-    rtl explain RUN_DIR [--label L] [--n N]   Grad-CAM maps of the best checkpoint on test images
-    rtl bench [OVERRIDES]        images/s of the bare model step, the rtl loop and a naive loop
-    rtl pretrain [OVERRIDES]     ImageNet-style pretraining on an ImageFolder tree, e.g.
-                                 rtl pretrain model=cbr_small data.root=/data/imagenet (torchrun for several GPUs);
-                                 installs the weights where init=pretrained finds them
-    rtl bench-pretrain [OVERRIDES]  images/s of the pretraining input pipeline, a plain torchvision loader,
-                                 the model step and the whole loop, on generated JPEGs or data.root
-    rtl weights list|install RUN_DIR [--replace]|remove MODEL|check MODELS   the weights rtl pretrain installed
-
-User errors print one line and exit 2; anything else is a bug and keeps its traceback.
+Exit status: 0 done; 2 a user error (one ``rtl: error:`` line; nothing half-written); 3 ``rtl report`` wrote
+its tables but runs of the tree are unfinished or failed (named); 128 + N a run stopped by signal N after
+saving. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import logging
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, NamedTuple
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import MOVED_TO_RUNTIME
+from . import __version__, conf, runfiles as rf  # noqa: F401  (conf: the schemas and rtl.* resolvers)
+from .config import MOVED_TO_RUNTIME, RecipeConfig
 from .errors import NotYourRun, UserError
 from .preempt import Interrupted
 
-USAGE = __doc__.split("\n\n")[1]
+EXIT_USER_ERROR = 2
+EXIT_INCOMPLETE = 3  # rtl report: the tables are written, but some runs below DIR are unfinished or failed
 
 
-def _fail(message: str) -> None:
+class Command(NamedTuple):
+    name: str
+    usage: str  # one line of `rtl --help`
+    run: Callable[[list[str]], None]
+    where: str  # what to change when a file cannot be written (in the error message)
+
+
+def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
     print(f"rtl: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
+
+# --- Hydra's own errors, in one line -------------------------------------------------------------------
 
 def _hydra_message(err: Exception) -> str:
     """Hydra's composition errors span several lines (what failed, a hint, the cause, full_key,
@@ -67,6 +66,9 @@ def _hydra_message(err: Exception) -> str:
                 if not option.startswith("base_"):  # the schemas (config.py) are not choices
                     choices.append(option)
             return f"{lines[0]}; {ln.rstrip(':').lower()}: {', '.join(choices)}"
+    if any("LexerNoViableAltException" in ln or "no viable alternative" in ln for ln in lines):
+        return (f"{lines[0]}: a value with a space or one of ()[]{{}}:=,'\" must be quoted for Hydra inside the "
+                "shell's quotes, e.g. 'data.csv=\"/data/my images.csv\"'")
     key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "")
     cause = next((ln for ln in lines if ln.startswith(("Key '", "Value '", "Invalid value"))), "")
     if key and cause:
@@ -77,8 +79,6 @@ def _hydra_message(err: Exception) -> str:
 
 def _where_key_applies(key: str) -> str:
     """For ``data.split_by`` on a dataset without it: which datasets take that key."""
-    import dataclasses
-
     from .config import SCHEMAS
 
     group, _, name = key.partition(".")
@@ -89,18 +89,68 @@ def _where_key_applies(key: str) -> str:
     return f" (only data={' / data='.join(kinds)} take{'s' if len(kinds) == 1 else ''} it)" if kinds else ""
 
 
-def _moved_keys(args: list[str]) -> list[str]:
-    """``train.device=cuda`` (the SPEC's name, and what older command lines say) means ``runtime.device``."""
-    out = []
-    for arg in args:
-        for prefix in ("", "+", "++", "~"):
-            head = f"{prefix}train."
-            key = arg[len(head):].split("=", 1)[0]
-            if arg.startswith(head) and key in MOVED_TO_RUNTIME:
-                arg = f"{prefix}runtime.{arg[len(head):]}"
-                break
-        out.append(arg)
-    return out
+@contextlib.contextmanager
+def errors_to_exit(where: str, catch_user_errors: bool = True) -> Iterator[None]:
+    """The one translator: a user error, Hydra's and OmegaConf's composition errors, a file that cannot be
+    written and running out of memory each end as one line and exit 2. ``where``: what to change to write
+    elsewhere. Inside a Hydra job it must run there (Hydra reports what leaves a job in lines of its own);
+    ``catch_user_errors=False`` leaves user errors to the job, which notes them in a sweep and goes on."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except UserError as err:
+        if not catch_user_errors:
+            raise
+        fail(str(err))
+    except (HydraException, OmegaConfBaseException) as err:  # composition, or an interpolation of the user's
+        fail(_hydra_message(err))
+    except MemoryError:
+        fail("out of memory: use less data (data.num_samples, data.image_size) or a smaller "
+             "runtime.eval_batch_size / train.batch_size")
+    except ValueError as err:
+        if not isinstance(err.__cause__, OSError):
+            raise
+        # logging could not open Hydra's log file in the output folder (a read-only file system).
+        fail(f"cannot write the log file of this run: {err.__cause__}; choose a writable output folder with {where}")
+    except OSError as err:
+        at = f" {err.filename}" if err.filename else ""
+        fail(f"cannot write{at}: {err.strerror or err}; choose a writable folder with {where}")
+
+
+# --- the Hydra commands: train, pretrain, bench, bench-pretrain ----------------------------------------
+
+_RUN_DIR = "hydra.run.dir=... (or hydra.sweep.dir=... for -m)"
+
+_SWEEP_FAILURES: list[str] = []
+
+
+def _forget_refused(out_dir: str) -> None:
+    """A single run refused before it wrote anything leaves no folder of its own behind: when the folder holds
+    nothing but this invocation's Hydra record, its log and an unheld lock, it goes."""
+    hc = HydraConfig.get()
+    out = Path(out_dir)
+    record = Path(str(hc.output_subdir)).name if hc.output_subdir else None
+    ours = {f"{hc.job.name}.log", ".hydra", rf.LOCK}
+    try:
+        entries = list(out.iterdir())
+        hydra_dir = out / ".hydra"
+        if record is None or any(e.name not in ours for e in entries) or (
+                hydra_dir.is_dir() and any(p.name != record for p in hydra_dir.iterdir())):
+            return
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(out / rf.LOCK))
+        try:
+            lock.acquire(timeout=0)  # nobody else is in there
+        except Timeout:
+            return
+        try:
+            shutil.rmtree(out)
+        finally:
+            lock.release()
+    except OSError:
+        return  # whatever cannot be looked at or removed stays
 
 
 def _job(run, cfg: DictConfig, what: str) -> Any:
@@ -110,17 +160,20 @@ def _job(run, cfg: DictConfig, what: str) -> Any:
     hc = HydraConfig.get()
     out_dir = hc.runtime.output_dir
     try:
-        return run(cfg, out_dir)
+        with errors_to_exit(_RUN_DIR, catch_user_errors=False):  # inside the job, or Hydra adds its own lines
+            return run(cfg, out_dir)
     except Interrupted as err:
         print(f"rtl: {err}", file=sys.stderr)
         sys.exit(128 + err.signum)  # the shell convention for "ended by signal N"
     except UserError as err:
         if hc.mode != RunMode.MULTIRUN:
-            _fail(str(err))
+            if not isinstance(err, NotYourRun):
+                _forget_refused(out_dir)
+            fail(str(err))
         # One bad setting must not cancel the rest of a long sweep: note it, go on, fail at the end.
         logging.getLogger("rtl").error("%s %s failed: %s", what, out_dir, err)
         if not isinstance(err, NotYourRun) and os.path.isdir(out_dir):  # that folder holds another run: leave it
-            (Path(out_dir) / "error.txt").write_text(f"{err}\n")
+            (Path(out_dir) / rf.ERROR).write_text(f"{err}\n")
         _SWEEP_FAILURES.append(f"{out_dir}: {str(err).splitlines()[0]}")
         return None
 
@@ -133,19 +186,9 @@ def _train(cfg: DictConfig) -> float:
     return float("nan") if row is None else float(row["test_auprc"])
 
 
-_SWEEP_FAILURES: list[str] = []
-
-
-def _sweep_failed() -> None:
-    n = len(_SWEEP_FAILURES)
-    shown = "\n  ".join(_SWEEP_FAILURES[:10]) + ("\n  ..." if n > 10 else "")
-    _fail(f"{n} run(s) of the sweep failed (the others finished; each failed run's error.txt says why, except "
-          f"where its folder holds another run):\n  {shown}")
-
-
 @hydra.main(version_base="1.3", config_path="conf", config_name="pretrain")
 def _pretrain(cfg: DictConfig) -> float:
-    from .config import process_rank
+    from .distributed import process_rank
     from .pretrain import run
 
     if process_rank() != 0:  # one process speaks for a distributed run; the others only warn
@@ -154,87 +197,74 @@ def _pretrain(cfg: DictConfig) -> float:
     return float("nan") if meta is None else float(meta["val_top1"])
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="pretrain_bench")
-def _bench_pretrain(cfg: DictConfig) -> None:
-    from .bench import format_pipeline, run_pipeline_bench
-
-    try:
-        row = run_pipeline_bench(cfg, HydraConfig.get().runtime.output_dir)
-    except UserError as err:
-        _fail(str(err))
-    print(format_pipeline(row))
-
-
-def _slot_name(name: str) -> str:
-    """A model name (aliases resolved: densenet121 -> dens_f) or an installed folder's name (trunc-resnet18-cut2)."""
-    from .models.registry import canonical_name
-    from .weights import check_slot, weights_slot
-
-    try:
-        canonical = canonical_name(name)
-    except UserError:
-        return check_slot(name)
-    return check_slot(name) if canonical in ("timm", "trunc") else weights_slot({"name": canonical})
-
-
-def _weights(argv: list[str]) -> None:
-    from .weights import install, list_installed, remove_installed, weights_home
-
-    parser = argparse.ArgumentParser(prog="rtl weights", description="The weights rtl pretrain installed (in "
-                                     "$RTL_WEIGHTS, default ~/.cache/rethink_tl/weights), which init=pretrained uses.")
-    sub = parser.add_subparsers(dest="action", required=True)
-    sub.add_parser("list", help="one line per installed model")
-    add = sub.add_parser("install", help="install a finished pretraining (its folder)")
-    add.add_argument("run_dir")
-    add.add_argument("--replace", action="store_true", help="replace other weights installed for that model")
-    rm = sub.add_parser("remove", help="remove the weights installed for a model")
-    rm.add_argument("slot", metavar="MODEL")
-    check = sub.add_parser("check", help="print which of MODELS (comma-separated) have weights installed; "
-                           "a note on stderr names the others (the Makefile's figure targets use it)")
-    check.add_argument("models", metavar="MODELS")
-    args = parser.parse_args(argv)
-    if args.action == "check":
-        from .weights import installed
-
-        models = [m.strip() for m in args.models.split(",") if m.strip()]
-        if not models:
-            raise UserError("rtl weights check needs model names, e.g. rtl weights check cbr_small,cbr_tiny")
-        models = [_slot_name(m) for m in models]
-        have = [m for m in models if installed(m) is not None]
-        missing = [m for m in models if m not in have]
-        if missing:
-            print(f"TL runs of {', '.join(missing)} skipped: no weights installed for them in {weights_home()}; "
-                  "make pretrain-cbr IMAGENET=DIR (or rtl pretrain model=NAME data.root=DIR) makes and installs "
-                  "them, or set CBR_WEIGHTS=DIR holding <model>.pth", file=sys.stderr)
-        print(",".join(have))
-    elif args.action == "install":
-        print(f"installed into {install(args.run_dir, replace=args.replace)}")
-    elif args.action == "remove":
-        print(f"removed {remove_installed(_slot_name(args.slot))}")
-    else:
-        rows = list_installed()
-        print(f"{weights_home()}: {len(rows)} installed")
-        for r in rows:
-            if r.get("damaged"):
-                print(f"  {r['slot']:<24} weights.json missing or damaged: rtl weights install RUN_DIR --replace")
-                continue
-            top5 = r.get("val_top5")
-            top5 = "-" if top5 is None or top5 != top5 else f"{top5:.4f}"
-            print(f"  {r['slot']:<24} {r['dataset']} ({r['num_classes']} classes, {r['image_size']} px), "
-                  f"{r['epochs']} epochs, val top-1 {r['val_top1']:.4f} top-5 {top5}, sha256 {r['sha256'][:12]}, "
-                  f"from {r['run_dir']}")
-
-
 @hydra.main(version_base="1.3", config_path="conf", config_name="bench")
 def _bench(cfg: DictConfig) -> None:
-    from .bench import format_row, run_bench
+    from .bench.loop import format_row, run_bench
 
-    try:
-        row = run_bench(cfg, HydraConfig.get().runtime.output_dir)
-    except UserError as err:
-        _fail(str(err))
-    print(format_row(row))
+    with errors_to_exit(_RUN_DIR):
+        print(format_row(run_bench(cfg, HydraConfig.get().runtime.output_dir)))
 
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="pretrain_bench")
+def _bench_pretrain(cfg: DictConfig) -> None:
+    from .bench.pipeline import format_pipeline, run_pipeline_bench
+
+    with errors_to_exit(_RUN_DIR):
+        print(format_pipeline(run_pipeline_bench(cfg, HydraConfig.get().runtime.output_dir)))
+
+
+def _train_keys(args: list[str]) -> list[str]:
+    """``train.device=cuda`` (the SPEC's name, and what older command lines say) means ``runtime.device``."""
+    return [_renamed(arg, {k: f"runtime.{k}" for k in MOVED_TO_RUNTIME}) for arg in args]
+
+
+# What rtl train's key names mean for rtl pretrain (SPEC section 10: the same names where they mean the same).
+_PRETRAIN_TRAIN_KEYS = {"epochs": "recipe.epochs", "batch_size": "recipe.batch_size", "seed": "recipe.seed",
+                        **{k: f"runtime.{k}" for k in MOVED_TO_RUNTIME}}
+
+
+def _pretrain_keys(args: list[str]) -> list[str]:
+    out = [_renamed(arg, _PRETRAIN_TRAIN_KEYS) for arg in args]
+    for arg in out:
+        key = arg.lstrip("+~").split("=", 1)[0]
+        if key.startswith("train."):
+            name = key.split(".", 1)[1]
+            if name == "lr":
+                raise UserError("rtl pretrain scales its learning rate with the global batch: set "
+                                "recipe.lr_per_256=... (lr = lr_per_256 x global batch / 256), not train.lr")
+            known = ", ".join(f.name for f in dataclasses.fields(RecipeConfig))
+            raise UserError(f"{key}: rtl pretrain has no train.* settings; its recipe keys are recipe.{{{known}}} "
+                            "(train.epochs, train.batch_size and train.seed are read as the recipe's)")
+    return out
+
+
+def _renamed(arg: str, names: dict[str, str]) -> str:
+    for prefix in ("", "+", "++", "~"):
+        head = f"{prefix}train."
+        key = arg[len(head):].split("=", 1)[0]
+        if arg.startswith(head) and key in names:
+            return f"{prefix}{names[key]}{arg[len(head) + len(key):]}"
+    return arg
+
+
+def _hydra_command(name: str, main: Callable[[], Any], rewrite: Callable[[list[str]], list[str]] | None = None):
+    """``rtl NAME [OVERRIDES]`` run by Hydra's ``main`` (one run, or a sweep with -m)."""
+
+    def run(args: list[str]) -> None:
+        sys.argv = [f"rtl-{name}", *(rewrite(args) if rewrite else args)]
+        # Let Hydra's own errors reach us, so they end as one message rather than a partial traceback.
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        main()
+        if _SWEEP_FAILURES:
+            n = len(_SWEEP_FAILURES)
+            shown = "\n  ".join(_SWEEP_FAILURES[:10]) + ("\n  ..." if n > 10 else "")
+            raise UserError(f"{n} run(s) of the sweep failed (the others finished; each failed run's error.txt says "
+                            f"why, except where its folder holds another run):\n  {shown}")
+
+    return run
+
+
+# --- rtl data ----------------------------------------------------------------------------------------------
 
 DATA_USAGE = """usage: rtl data [OVERRIDES]
 
@@ -258,12 +288,12 @@ def _data(overrides: list[str]) -> None:
 
     from .config import validate
     from .data import UnusableSplit, plan
-    from .report import sweep_values
+    from .evidence.designs import sweep_values
 
     if any(a in ("-h", "--help") for a in overrides):
         print(DATA_USAGE)
         return
-    args = [a for a in overrides if a not in ("-m", "--multirun")]  # a sweep's command line works as it is
+    args = [a for a in _train_keys(overrides) if a not in ("-m", "--multirun")]  # a sweep's line works as it is
     flags = [a for a in args if a.startswith("-")]
     if flags:
         raise UserError(f"rtl data takes key=value overrides, not {flags[0]} (rtl data --help)")
@@ -302,126 +332,245 @@ def _data(overrides: list[str]) -> None:
         print(text)
 
 
+# --- rtl report ----------------------------------------------------------------------------------------
+
 def _report(argv: list[str]) -> None:
-    from .report import report
+    from .evidence.report import ReportOptions, report
+    from .evidence.stats import RESAMPLES, SEED
+    from .metrics import DEFAULT_METRICS, METRICS
 
     parser = argparse.ArgumentParser(prog="rtl report", description="Gather every run below DIR into tables "
-                                     "(summary.csv, summary.md) and draw the figure of its experiment.")
+                                     "(summary.csv, summary.md) and draw the figure of its experiment. Exit 0: "
+                                     "done; 2: an error, or runs whose files cannot be trusted (named; the tables "
+                                     "are written without them); 3: the tables are written, but runs below DIR are "
+                                     "unfinished or failed (named).")
     parser.add_argument("dir", help="a run or sweep directory (searched recursively for results.csv)")
     parser.add_argument("--figure", metavar="figN", help="draw this paper figure (fig2 ... fig7) from the runs of "
                         "its experiment design only; default: the experiment the runs were made with, if any "
                         "(fig2 needs no runs: DIR is where it goes)")
     parser.add_argument("--out", metavar="OUT", help="write tables and figure here (default: DIR)")
     parser.add_argument("--note", default="", help="a line added under the figure title, e.g. what a profile stands in for")
-    parser.add_argument("--metric", default="auroc,auprc", metavar="M[,M]",
-                        help="the metrics of the tables and of the figure's rows of panels, comma-separated, from "
-                        "auroc, auprc (average precision) and auprc_trapz (trapezoid PR area, as the paper's authors' "
-                        "code computes it); default auroc,auprc. summary.csv always has every recorded metric")
+    parser.add_argument("--metric", default=",".join(DEFAULT_METRICS), metavar="M[,M]",
+                        help=f"the metrics of the tables and of the figure's rows of panels, comma-separated, from "
+                        f"{', '.join(METRICS)} (auprc: average precision; auprc_trapz: the trapezoid PR area, as the "
+                        f"paper's authors' code computes it); default {','.join(DEFAULT_METRICS)}. summary.csv always "
+                        "has every recorded metric")
     parser.add_argument("--compare", nargs=2, action="append", metavar=("A", "B"), default=[],
-                        help="also compare setting A with B (MODEL/INIT, e.g. dens_t1/pretrained dens_f/random) at every "
-                        "dataset and fraction that has both: paired difference, 95%% interval, p-values; repeatable. "
-                        "TL vs RI and truncated/slim vs full TL are always compared")
-    parser.add_argument("--resamples", type=int, default=2000, metavar="N",
-                        help="bootstrap resamples of the test images for intervals and comparisons (default 2000; "
-                        "0: none)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples (default 0)")
+                        help="also compare setting A with B (MODEL/INIT, e.g. dens_t1/pretrained dens_f/random; "
+                        "MODEL/INIT:KEY=VALUE picks one of several settings, e.g. dens_t1/random:train.lr=0.001) "
+                        "at every dataset and fraction that has both: paired difference, 95%% interval, p-values; "
+                        "repeatable. TL vs RI and truncated/slim vs full TL are always compared")
+    parser.add_argument("--resamples", type=int, default=RESAMPLES, metavar="N",
+                        help=f"bootstrap resamples of the test images for intervals and comparisons (default "
+                        f"{RESAMPLES}; 0: none)")
+    parser.add_argument("--seed", type=int, default=SEED, help=f"seed of the bootstrap resamples (default {SEED})")
     args = parser.parse_args(argv)
-    metrics = tuple(m.strip() for m in args.metric.split(","))
-    try:
-        done = report(args.dir, figure=args.figure, out=args.out, note=args.note, metrics=metrics,
-                      compare=args.compare, resamples=args.resamples, seed=args.seed)
-    except UserError as err:
-        _fail(str(err))
+    options = ReportOptions(figure=args.figure, out=args.out, note=args.note,
+                            metrics=tuple(m.strip() for m in args.metric.split(",")),
+                            compare=[tuple(pair) for pair in args.compare], resamples=args.resamples, seed=args.seed)
+    done = report(args.dir, options)
     print(done.text)
     # The tables are written, but a script that goes on to use them must learn that runs are missing.
     if done.problems:
-        _fail("; ".join(done.problems))
+        fail("; ".join(done.problems))
+    if done.incomplete:
+        fail(f"the tables are written, but not every run below {args.dir} is in them: {'; '.join(done.incomplete)}",
+             EXIT_INCOMPLETE)
+
+
+# --- rtl evaluate | predict | explain ------------------------------------------------------------------
+
+def _evaluate(argv: list[str]) -> None:
+    from .inference.evaluate import evaluate_runs
+
+    parser = argparse.ArgumentParser(
+        prog="rtl evaluate", description="External validation: score a finished run's best checkpoint (or every "
+        "finished run below a sweep folder) on another dataset, chosen with data overrides, e.g. rtl evaluate RUN "
+        "data=csv data.csv=other.csv --map opacity=Opacity. Writes RUN/external/<name>/.")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run, or a sweep folder")
+    parser.add_argument("overrides", nargs="*", metavar="OVERRIDES",
+                        help="the external data: data=... and data.KEY=... overrides")
+    parser.add_argument("--map", action="append", default=[], metavar="MODEL_LABEL=DATA_LABEL",
+                        help="score the model's label against a differently named label of the data (repeatable)")
+    parser.add_argument("--name", help="RUN_DIR/external/<name>/ (default: the external data.name)")
+    parser.add_argument("--split", choices=("all", "test"), default="all",
+                        help="all: every image of the external dataset (default); test: its test split only")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an evaluation of the same --name on other data")
+    parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
+    args = parser.parse_intermixed_args(argv)
+    evaluate_runs(args.run_dir, args.overrides, label_map=args.map, name=args.name, split=args.split,
+                  force=args.force, device=args.device, argv=argv)
+
+
+def _predict(argv: list[str]) -> None:
+    from .inference.predict import predict_to_file
+
+    parser = argparse.ArgumentParser(
+        prog="rtl predict", description="A trained model's probabilities for new images: one CSV row per image "
+        "(path, prob_<label> for every label of the model), the images decoded as the run decoded its own.")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the folder of one finished rtl train run")
+    parser.add_argument("images", metavar="IMAGES", help="a folder (searched recursively for image files), a CSV "
+                        "with a path column (paths relative to its folder, or absolute), or one image")
+    parser.add_argument("--out", help="the CSV to write (default: RUN_DIR/predict/<name of IMAGES>.csv)")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--path-column", metavar="COL", help="IMAGES as a CSV: the column of paths (default: path)")
+    parser.add_argument("--skip-bad", action="store_true", help="leave out missing or unreadable files (listed on "
+                        "stderr) instead of stopping")
+    parser.add_argument("--channels", type=int, choices=(1, 3), help="decode as grey (1) or colour (3): only needed "
+                        "when the run trained with data.channels=auto and its training images are gone")
+    parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
+    args = parser.parse_args(argv)
+    predict_to_file(args.run_dir, args.images, args.out, force=args.force, path_column=args.path_column,
+                    skip_bad=args.skip_bad, channels=args.channels, device=args.device)
+
+
+def _explain(argv: list[str]) -> None:
+    from .inference.explain import explain_to_files
+
+    parser = argparse.ArgumentParser(
+        prog="rtl explain", description="Grad-CAM maps of a finished run's best checkpoint on its test images: "
+        "per label, the highest-scored positives, the lowest-scored positives and the highest-scored negatives.")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the folder of a finished rtl train run")
+    parser.add_argument("--label", metavar="L", help="only this label (default: every label of the model)")
+    parser.add_argument("--n", type=int, default=4, metavar="N", help="images per group (default 4)")
+    parser.add_argument("--out", metavar="DIR", help="where the PNG and PDF go (default RUN_DIR/explain/)")
+    args = parser.parse_args(argv)
+    explain_to_files(args.run_dir, args.label, args.n, args.out)
+
+
+# --- rtl weights ---------------------------------------------------------------------------------------
+
+def _slot_name(name: str) -> str:
+    """A model name (aliases resolved: densenet121 -> dens_f), or the name of an installed weights folder (a timm
+    backbone's: trunc-resnet18-cut2, timm-resnet18); anything else is an unknown model (UserError)."""
+    from .models import canonical_name
+    from .weights import check_slot, weights_home, weights_slot
+
+    check_slot(name)  # a name, never a path
+    try:
+        canonical = canonical_name(name)
+    except UserError:
+        if name.startswith(("timm-", "trunc-")) or (weights_home() / name).is_dir():
+            return name
+        raise
+    if canonical in ("timm", "trunc"):
+        raise UserError(f"{name} needs its backbone: name its installed folder, e.g. {canonical}-resnet18"
+                        + ("-cut2" if canonical == "trunc" else "") + " (rtl weights list shows them)")
+    return weights_slot({"name": canonical})
+
+
+def _weights(argv: list[str]) -> None:
+    from .weights import install, installed, list_installed, remove_installed, weights_home
+
+    parser = argparse.ArgumentParser(prog="rtl weights", description="The weights rtl pretrain installed (in "
+                                     "$RTL_WEIGHTS, default ~/.cache/rethink_tl/weights), which init=pretrained uses.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser("list", help="one line per installed model")
+    add = sub.add_parser("install", help="install a finished pretraining (its folder)")
+    add.add_argument("run_dir")
+    add.add_argument("--replace", action="store_true", help="replace other weights installed for that model")
+    rm = sub.add_parser("remove", help="remove the weights installed for a model")
+    rm.add_argument("slot", metavar="MODEL")
+    check = sub.add_parser("check", help="print which of MODELS (comma-separated) have weights installed; "
+                           "a note on stderr names the others (the Makefile's figure targets use it); an unknown "
+                           "model name is an error")
+    check.add_argument("models", metavar="MODELS")
+    args = parser.parse_args(argv)
+    if args.action == "check":
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        if not models:
+            raise UserError("rtl weights check needs model names, e.g. rtl weights check cbr_small,cbr_tiny")
+        models = [_slot_name(m) for m in models]
+        have = [m for m in models if installed(m) is not None]
+        missing = [m for m in models if m not in have]
+        if missing:
+            print(f"TL runs of {', '.join(missing)} skipped: no weights installed for them in {weights_home()}; "
+                  "make pretrain-cbr IMAGENET=DIR (or rtl pretrain model=NAME data.root=DIR) makes and installs "
+                  "them, or set CBR_WEIGHTS=DIR holding <model>.pth", file=sys.stderr)
+        print(",".join(have))
+    elif args.action == "install":
+        print(f"installed into {install(args.run_dir, replace=args.replace)}")
+    elif args.action == "remove":
+        print(f"removed {remove_installed(_slot_name(args.slot))}")
+    else:
+        _list_weights(list_installed(), weights_home())
+
+
+def _list_weights(rows: list[dict[str, Any]], home: Path) -> None:
+    print(f"{home}: {len(rows)} installed")
+    for r in rows:
+        if r.get("damaged"):
+            print(f"  {r['slot']:<24} {rf.WEIGHTS_META} missing or damaged: rtl weights install RUN_DIR --replace")
+            continue
+        top5 = r.get("val_top5")
+        top5 = "-" if top5 is None or top5 != top5 else f"{top5:.4f}"
+        print(f"  {r['slot']:<24} {r['dataset']} ({r['num_classes']} classes, {r['image_size']} px), "
+              f"{r['epochs']} epochs, val top-1 {r['val_top1']:.4f} top-5 {top5}, sha256 {r['sha256'][:12]}, "
+              f"from {r['run_dir']}")
+
+
+# --- the table of commands -----------------------------------------------------------------------------
+
+COMMANDS = {c.name: c for c in (
+    Command("train", "rtl train [OVERRIDES]        one run, e.g. rtl train model=dens_t1 init=pretrained; -m: a "
+            "sweep, e.g. rtl train -m model=dens_t1,dens_f init=random,pretrained", _hydra_command("train", _train, _train_keys),
+            _RUN_DIR),
+    Command("data", "rtl data [OVERRIDES]         the split a run would train on (rule, images, class balance), no "
+            "image read", _data, _RUN_DIR),
+    Command("report", "rtl report DIR               every run below DIR -> DIR/summary.csv and summary.md with 95% "
+            "bootstrap intervals and paired comparisons; --figure figN, --metric, --compare A B, --out DIR",
+            _report, "--out"),
+    Command("evaluate", "rtl evaluate RUN_DIR [OVERRIDES] [--map M=D]   score a finished run (or a sweep) on "
+            "another dataset: RUN_DIR/external/<name>/", _evaluate, "a RUN_DIR you may write to"),
+    Command("predict", "rtl predict RUN_DIR IMAGES   per-label probabilities for a folder or CSV of images",
+            _predict, "--out"),
+    Command("explain", "rtl explain RUN_DIR [--label L] [--n N]   Grad-CAM maps of the best checkpoint on test "
+            "images", _explain, "--out"),
+    Command("bench", "rtl bench [OVERRIDES]        images/s of the bare model step, the rtl loop and a naive loop",
+            _hydra_command("bench", _bench, _train_keys), _RUN_DIR),
+    Command("pretrain", "rtl pretrain [OVERRIDES]     ImageNet-style pretraining on an ImageFolder tree, e.g. rtl "
+            "pretrain model=cbr_small data.root=/data/imagenet; installs the weights for init=pretrained",
+            _hydra_command("pretrain", _pretrain, _pretrain_keys), _RUN_DIR),
+    Command("bench-pretrain", "rtl bench-pretrain [OVERRIDES]  images/s of the pretraining input pipeline, a "
+            "plain loader, the model step and the whole loop", _hydra_command("bench-pretrain", _bench_pretrain), _RUN_DIR),
+    Command("weights", "rtl weights list|install RUN_DIR [--replace]|remove MODEL|check MODELS   the weights rtl "
+            "pretrain installed", _weights, "RTL_WEIGHTS=DIR"),
+)}
+
+
+def usage() -> str:
+    lines = ["usage: rtl COMMAND [ARGS]   (rtl COMMAND --help for one command; rtl --version)", ""]
+    lines += [f"  {c.usage}" for c in COMMANDS.values()]
+    lines += ["", "User errors print one line and exit 2; anything else is a bug and keeps its traceback."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        _main(argv)
+        _main(list(sys.argv[1:] if argv is None else argv))
     except BrokenPipeError:
         # The reader of our output went away (rtl report DIR | head): nothing to report, no traceback at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
 
 
-def _main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _main(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(usage())
+        return
+    if argv[0] in ("--version", "-V", "version"):
+        print(f"rtl {__version__}")
         return
     command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        fail(f"unknown command '{command}': use one of {', '.join(COMMANDS)} (rtl --help)")
     # Metric warnings (single-class labels) matter, but once per message is enough.
     warnings.simplefilter("once")
     logging.captureWarnings(True)
-    if command in ("train", "bench", "pretrain", "bench-pretrain"):
-        sys.argv = [f"rtl-{command}", *(_moved_keys(rest) if command in ("train", "bench") else rest)]
-        # Let Hydra's own errors reach us, so they end as one message rather than a partial traceback.
-        os.environ["HYDRA_FULL_ERROR"] = "1"
-        try:
-            {"train": _train, "bench": _bench, "pretrain": _pretrain, "bench-pretrain": _bench_pretrain}[command]()
-            if _SWEEP_FAILURES:
-                _sweep_failed()
-        except HydraException as err:
-            _fail(_hydra_message(err))
-        except OmegaConfBaseException as err:  # an interpolation of the user's that cannot be resolved
-            _fail(_hydra_message(err))
-        except MemoryError:
-            _fail("out of memory: use less data (data.num_samples, data.image_size) or a smaller "
-                  "runtime.eval_batch_size / train.batch_size")
-        except ValueError as err:
-            if "Unable to configure handler" not in str(err):
-                raise
-            # Hydra could not open its log file in the output folder (a read-only file system).
-            _fail(f"cannot write the log file of this run: {err.__cause__ or err}; choose a writable output "
-                  "folder with hydra.run.dir=... (or hydra.sweep.dir=... for -m)")
-        except BrokenPipeError:
-            raise
-        except OSError as err:
-            where = f" {err.filename}" if err.filename else ""
-            _fail(f"cannot write{where}: {err.strerror or err}; choose a writable output folder with "
-                  "hydra.run.dir=... (or hydra.sweep.dir=... for -m)")
-    elif command == "data":
-        try:
-            _data(_moved_keys(rest))
-        except UserError as err:
-            _fail(str(err))
-        except (HydraException, OmegaConfBaseException) as err:
-            _fail(_hydra_message(err))
-    elif command == "weights":
-        try:
-            _weights(rest)
-        except UserError as err:
-            _fail(str(err))
-        except OSError as err:
-            _fail(f"{err.filename or ''}: {err.strerror or err}")
-    elif command in ("evaluate", "predict", "explain"):
-        import importlib
-
-        module = importlib.import_module(f".{command}", __package__)
-        try:
-            module.main(rest)
-        except UserError as err:
-            _fail(str(err))
-        except (HydraException, OmegaConfBaseException) as err:
-            _fail(_hydra_message(err))
-        except BrokenPipeError:
-            raise
-        except OSError as err:
-            where = f" {err.filename}" if err.filename else ""
-            _fail(f"cannot read or write{where}: {err.strerror or err}")
-    elif command == "report":
-        try:
-            _report(rest)
-        except BrokenPipeError:
-            raise
-        except OSError as err:
-            where = f" {err.filename}" if err.filename else ""
-            _fail(f"cannot write{where}: {err.strerror or err}; choose a writable folder with --out")
-    else:
-        _fail(f"unknown command '{command}': use one of train, data, report, evaluate, predict, explain, bench, pretrain, bench-pretrain, weights (rtl --help)")
+    entry = COMMANDS[command]
+    with errors_to_exit(entry.where):
+        entry.run(rest)
 
 
 if __name__ == "__main__":

@@ -4,28 +4,23 @@ Every default lives here, once. The YAML files under ``conf/`` pick a schema (``
 and set only the values that differ from it; code reads ``cfg.train.lr``, never ``cfg.get(key, default)``.
 Hydra checks types and enum choices while it composes the config (``train.epochs=abc`` never reaches a
 run); :func:`validate` then checks what types cannot say (ranges, unknown keys added with ``+``) before
-any model or dataset is built.
-
-:func:`identity` is what makes two runs "the same run": every setting that can change a result, with
-the runtime switches (device, threads, precision policy, progress bars) left out. A run directory is
-named after it, and a run resumes or is skipped only when its stored identity equals the requested one.
+any model or dataset is built. What only a model or a dataset knows (which models read ``model.cut``,
+what a dataset's shares must add up to) is checked by their registries (models/, data/); what makes two
+runs the same run is identity.py's. This module imports nothing of the project but its errors.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import II, MISSING, DictConfig, OmegaConf
 
 from .errors import UserError
 
@@ -229,20 +224,26 @@ class TrainConfig:
 
 
 @dataclass
-class RuntimeConfig:
-    """How a run executes. Results do not depend on these beyond floating-point noise, so they are not
-    part of a run's identity, except ``amp`` (README: "Where runs go")."""
+class ExecutionConfig:
+    """How a process executes, for rtl train and rtl pretrain alike. Results do not depend on these beyond
+    floating-point noise, so they are not part of a run's identity, except ``amp`` (README: "Where runs go")."""
 
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: each process takes cuda:LOCAL_RANK)
     threads: int = 0  # CPU threads; 0 = torch's default (one per core)
     amp: Amp = Amp.auto  # auto = bf16 on GPUs with native bf16, else fp16 with a grad scaler; fp32 on CPU
     channels_last: bool = True  # NHWC: faster convolutions on tensor-core GPUs and on AVX-512 CPUs
     compile: bool = False  # torch.compile the model (slow first epoch, faster after)
     cudnn_benchmark: bool = True
-    data_on_device: float = 0.5  # keep uint8 images on the GPU when they fit in this share of free memory
     eval_batch_size: int = 256
     force: bool = False  # run again from scratch even when the run directory holds a finished run
     progress: bool = True  # tqdm bars
+
+
+@dataclass
+class RuntimeConfig(ExecutionConfig):
+    """rtl train's runtime."""
+
+    data_on_device: float = 0.5  # keep uint8 images on the GPU when they fit in this share of free memory
 
 
 @dataclass
@@ -265,7 +266,9 @@ class ImageFolderData:
     root: Optional[str] = None
     name: str = "${rtl.basename:${.root}}"  # weights.json and the run folder name the dataset by this
     image_size: int = 224  # RandomResizedCrop size in training, centre-crop size in validation
-    val_resize: int = 256  # validation: shorter side resized to this, then the centre image_size crop
+    # Validation: shorter side resized to this, then the centre image_size crop. Default: the recipe's ratio,
+    # 256 for 224 (rounded image_size x 256 / 224), so a smaller image_size keeps the same share of the image.
+    val_resize: int = II("rtl.val_resize:${.image_size}")
     min_scale: float = 0.08  # RandomResizedCrop keeps 8%-100% of the image area (Szegedy et al. 2015)
     flip: bool = True  # random horizontal flip in training
 
@@ -288,21 +291,12 @@ class RecipeConfig:
 
 
 @dataclass
-class PretrainRuntime:
-    """How a pretraining executes; as for rtl train, only ``amp`` is part of a run's identity."""
+class PretrainRuntime(ExecutionConfig):
+    """rtl pretrain's runtime: the input pipeline's processes, and where the result goes."""
 
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: each process takes cuda:LOCAL_RANK)
-    threads: int = 0
-    amp: Amp = Amp.auto
-    channels_last: bool = True
-    compile: bool = False
-    cudnn_benchmark: bool = True
     workers: Optional[int] = None  # decoding processes per GPU process; null: the CPU cores / processes, max 16
     prefetch: int = 4  # batches each worker prepares ahead
-    eval_batch_size: int = 256
     install: bool = True  # install the finished weights into $RTL_WEIGHTS, where init=pretrained finds them
-    force: bool = False
-    progress: bool = True
 
 
 @dataclass
@@ -333,12 +327,19 @@ _GROUP_OF = {"base_model": "model", "base_init": "init", "base_train": "train", 
              "base_bench": "bench", "base_recipe": "recipe"}
 
 
+def _val_resize(image_size: Any) -> int:
+    """The classic validation resize for a centre crop of ``image_size``: 256 for 224 (ImageNet's recipe)."""
+    return int(round(int(image_size) * 256 / 224))
+
+
 def register() -> None:
     """Make the schemas available to the YAML files' defaults lists (idempotent)."""
     cs = ConfigStore.instance()
     for name, node in SCHEMAS.items():
         cs.store(group=_GROUP_OF.get(name, "data"), name=name, node=node)
     cs.store(name="base_pretrain", node=PretrainConfig)
+    if not OmegaConf.has_resolver("rtl.val_resize"):
+        OmegaConf.register_new_resolver("rtl.val_resize", _val_resize)
 
 
 register()
@@ -391,8 +392,6 @@ RANGES = {
 }
 # Keys a config may have beside the groups: the experiment's name, and free values for interpolations.
 ROOT_KEYS = ("experiment", "vars", "hydra")
-# Which models read model.backbone / model.cut.
-USES = {"backbone": ("timm", "trunc"), "cut": ("trunc",)}
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 GROUPS = ("model", "init", "data", "train", "runtime", "bench", "recipe")
 
@@ -428,23 +427,6 @@ def _finite(cfg: DictConfig) -> None:
                 raise UserError(f"{group}.{key}={value} is not a finite number")
 
 
-def _model_keys(cfg: DictConfig) -> None:
-    """model.backbone and model.cut mean something for some models only: elsewhere they would be
-    ignored, yet still name another run directory."""
-    if "model" not in cfg or OmegaConf.is_missing(cfg.model, "name"):
-        return
-    from .models.registry import canonical_name
-
-    name = canonical_name(str(cfg.model.name))
-    for key, models in USES.items():
-        value = cfg.model[key]
-        if name in models and (value is None or str(value).strip() == ""):
-            raise UserError(f"model={name} needs model.{key}")
-        if name not in models and value is not None:
-            raise UserError(f"model.{key}={value} does not apply to model={name} (only to model="
-                            f"{' / '.join(models)}): leave it out")
-
-
 def _dataset_kind(cfg: DictConfig) -> None:
     if "data" not in cfg:
         return
@@ -467,7 +449,6 @@ def validate(cfg: DictConfig) -> None:
     _finite(cfg)
     if "kind" in cfg.get("data", {}):
         _dataset_kind(cfg)
-    _model_keys(cfg)
     for key, (check, allowed) in RANGES.items():
         try:
             value = OmegaConf.select(cfg, key, throw_on_missing=True)
@@ -477,17 +458,6 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"{key}={value} is out of range: it must be {allowed}")
     if "runtime" in cfg and not _DEVICE.match(str(cfg.runtime.device)):
         raise UserError(f"runtime.device={cfg.runtime.device} is not a device: use auto, cpu, cuda or cuda:N")
-    if "data" in cfg:
-        if cfg.data.get("cutoff_date") is not None and not str(cfg.data.cutoff_date).strip():
-            raise UserError("data.cutoff_date is empty: give YYYY-MM-DD for the prospective split, or null (leave it "
-                            "out) for a random split")
-        if cfg.data.get("cutoff_date"):
-            from datetime import date
-
-            try:
-                date.fromisoformat(str(cfg.data.cutoff_date))
-            except ValueError as err:
-                raise UserError(f"data.cutoff_date={cfg.data.cutoff_date} is not a date: write YYYY-MM-DD") from err
     if "recipe" in cfg:
         if not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", str(cfg.data.name)) or str(cfg.data.name) in (".", ".."):
             raise UserError(f"data.name={cfg.data.name!r} cannot name the dataset (it is a folder of the run's path): "
@@ -498,128 +468,7 @@ def validate(cfg: DictConfig) -> None:
         if cfg.data.val_resize < cfg.data.image_size:
             raise UserError(f"data.val_resize={cfg.data.val_resize} is smaller than the centre crop data.image_size="
                             f"{cfg.data.image_size}: it must be at least as large (the recipe: 256 for 224)")
-    if "data" in cfg and str(cfg.data.get("kind")) == "synthetic" and cfg.data.val_share + cfg.data.test_share >= 1:
-        raise UserError(f"data.val_share + data.test_share = {cfg.data.val_share + cfg.data.test_share:g} "
-                        "leaves no training images: they must add up to less than 1")
 
-
-# --- run identity -----------------------------------------------------------------------------------
-
-# Data keys that only say how the data is read, not which data: a cache and its threads.
-NOT_IDENTITY = {"data.cache", "data.cache_dir", "data.workers", "data.download", "init.download"}
-# Paths name files: written relative, they mean another file from another folder.
-PATHS = ("data.csv", "data.root", "data.npz", "init.weights")
-IDENTITY_GROUPS = ("model", "init", "data", "train", "recipe")  # those a config has: rtl pretrain has no init
-
-
-def _flat(prefix: str, node: Any, out: dict[str, Any]) -> None:
-    if isinstance(node, dict):
-        for k, v in node.items():
-            _flat(f"{prefix}.{k}", v, out)
-    else:
-        out[prefix] = node
-
-
-def identity(cfg: DictConfig) -> dict[str, Any]:
-    """Every result-affecting setting of a run, flat (``{"train.lr": 1e-05, ...}``), JSON-ready.
-
-    Values are resolved (interpolations filled in) and typed by the schema, so ``data.fraction=1`` and
-    ``data.fraction=1.0`` are one setting. The model name is the registry's canonical one, so an alias
-    (densenet121) and its target (dens_f) are one model.
-    """
-    out: dict[str, Any] = {}
-    for group in IDENTITY_GROUPS:
-        if group not in cfg:
-            continue
-        node = cfg[group]
-        container = OmegaConf.to_container(node, resolve=True, enum_to_str=True) if isinstance(node, DictConfig) \
-            else node
-        _flat(group, container, out)
-    # Mixed precision changes the numbers by more than run-to-run noise on small data (bf16 has 8 bits of
-    # mantissa): a bf16 run and an fp32 run are different runs. The other runtime keys are not.
-    if "runtime" in cfg:
-        out["runtime.amp"] = str(cfg.runtime.amp)
-    if out.get("model.name"):
-        from .models.registry import canonical_name
-
-        try:
-            out["model.name"] = canonical_name(str(out["model.name"]))
-        except UserError:
-            pass  # an unknown model fails with its own message when it is built
-    for key in PATHS:
-        if out.get(key):
-            out[key] = os.path.abspath(os.path.expanduser(str(out[key])))
-    return {k: _plain(v) for k, v in sorted(out.items()) if k not in NOT_IDENTITY}
-
-
-def _plain(v: Any) -> Any:
-    return [_plain(x) for x in v] if isinstance(v, (list, tuple, ListConfig)) else v
-
-
-def digest(settings: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
-    """A short, stable hash of settings (minus ``skip``): equal settings, equal hash, on any machine."""
-    kept = {k: v for k, v in settings.items() if k not in skip}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:8]
-
-
-def setting_id(cfg_or_settings) -> str:
-    """The hash of everything but the training seed: the seeds of one setting share it, in their directory
-    names and in results.csv, and `rtl report` averages exactly the runs that share it."""
-    settings = cfg_or_settings if isinstance(cfg_or_settings, dict) else identity(cfg_or_settings)
-    return digest(settings, skip=("train.seed",))
-
-
-def differences(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
-    """``key: stored -> requested`` for every setting that differs."""
-    keys = sorted(set(stored) | set(requested))
-    missing = object()
-    out = []
-    for k in keys:
-        a, b = stored.get(k, missing), requested.get(k, missing)
-        if a != b:
-            show = lambda v: "(absent)" if v is missing else json.dumps(v, default=str)  # noqa: E731
-            out.append(f"{k}: {show(a)} -> {show(b)}")
-    return out
-
-
-def _resolver_setting_id(*, _root_: DictConfig) -> str:
-    return setting_id(_root_)
-
-
-def _resolver_num(value: Any) -> str:
-    """Numbers in directory names: 1, 1.0 and 1e0 are all written 1."""
-    return f"{float(value):g}"
-
-
-def _resolver_basename(path: Any) -> str:
-    """The dataset name of an ImageFolder root: its folder name (/data/imagenet/ -> imagenet)."""
-    return os.path.basename(os.path.normpath(str(path))) if path else "imagefolder"
-
-
-def process_rank() -> int:
-    """This process's rank in a distributed run: torchrun's RANK, or SLURM's task id when a job has several
-    tasks (the SLURM launcher, one task per GPU); 0 otherwise."""
-    if os.environ.get("RANK"):
-        return int(os.environ["RANK"])
-    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and os.environ.get("SLURM_PROCID"):
-        return int(os.environ["SLURM_PROCID"])
-    return 0
-
-
-def _resolver_rank0(value: Any) -> Any:
-    """``value`` in the first process, null in the others (Hydra then writes no record there)."""
-    return value if process_rank() == 0 else None
-
-
-def _resolver_rank0_file(path: Any) -> str:
-    return str(path) if process_rank() == 0 else os.devnull
-
-
-for _name, _fn in (("rtl.setting_id", _resolver_setting_id), ("rtl.num", _resolver_num),
-                   ("rtl.basename", _resolver_basename), ("rtl.rank0", _resolver_rank0),
-                   ("rtl.rank0_file", _resolver_rank0_file)):
-    if not OmegaConf.has_resolver(_name):
-        OmegaConf.register_new_resolver(_name, _fn, use_cache=False)
 
 
 def typed(schema: type, cfg: Any, where: str = "") -> DictConfig:

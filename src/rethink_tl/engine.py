@@ -1,6 +1,6 @@
-"""The shared engine: device and precision, batch preprocessing, the train step, one epoch, predict and
-evaluate. ``rtl train`` (train.py) and ``rtl bench`` use exactly this code, so what the benchmark times
-is what a run does.
+"""The shared engine: device and precision, batch preprocessing, the train step, one epoch, predicted
+probabilities and their scores. ``rtl train`` (train.py), ``rtl pretrain`` (pretrain.py, which shares the
+train step) and ``rtl bench`` use exactly this code, so what the benchmark times is what a run does.
 
 Two rules keep a GPU busy: nothing here waits for the device inside an epoch (no ``.item()``, no
 CPU-indexed gather from device memory, no pageable host-to-device copy), and every random draw comes
@@ -10,18 +10,19 @@ have seen without the break.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import Split
+from .data.base import Split
 from .errors import UserError
 from .metrics import Scores, score
 
@@ -216,6 +217,14 @@ class Batcher:
         # (x - mean) / std = x * scale + shift: computed once here, not in every batch.
         self.scale, self.shift = 1.0 / self.std, -self.mean / self.std
 
+    @classmethod
+    def for_model(cls, info, device: torch.device, channels_last: bool, rotate_degrees: float = 0.0,
+                  scale_jitter: float = 0.0) -> "Batcher":
+        """The batcher that normalises as ``info`` (a model's ModelInfo: its mean and std) says."""
+        mean = torch.tensor(info.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(info.std, device=device).view(1, 3, 1, 1)
+        return cls(mean, std, device, bool(channels_last), float(rotate_degrees), float(scale_jitter))
+
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda" and t.device.type == "cpu":
             # Page-locked memory lets the copy run asynchronously alongside the previous step.
@@ -249,10 +258,8 @@ class Batcher:
 
 def make_batchers(info, tc, rc, device: torch.device) -> tuple[Batcher, Batcher]:
     """(training batcher with the protocol's augmentation, evaluation batcher without)."""
-    mean = torch.tensor(info.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(info.std, device=device).view(1, 3, 1, 1)
-    train = Batcher(mean, std, device, bool(rc.channels_last), float(tc.rotate_degrees), float(tc.scale_jitter))
-    return train, Batcher(mean, std, device, bool(rc.channels_last))
+    train = Batcher.for_model(info, device, rc.channels_last, tc.rotate_degrees, tc.scale_jitter)
+    return train, Batcher(train.mean, train.std, device, train.channels_last)
 
 
 # --- train, predict, evaluate -----------------------------------------------------------------------
@@ -261,35 +268,74 @@ def make_batchers(info, tc, rc, device: torch.device) -> tuple[Batcher, Batcher]
 class EpochProgress:
     """Where a training epoch stands, so that one cut short by a signal can continue exactly."""
 
-    epoch: int
-    step: int = 0  # batches done
-    loss_sum: float = 0.0
-    seen: int = 0
-    gen_state: torch.Tensor | None = None  # the epoch generator after `step` batches
+    epoch: int = 1
+    step: int = 0  # optimiser steps done in this epoch
+    loss_sum: float = 0.0  # sum over the images seen of their loss (this process's)
+    seen: int = 0  # images trained on in this epoch (this process's)
+    gen_state: torch.Tensor | None = None  # rtl train: the epoch generator after `step` batches
+    lr: float = float("nan")  # rtl pretrain: the lr at the epoch's first step, kept across a resume in the epoch
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step": self.step, "loss_sum": self.loss_sum, "seen": self.seen,
-                "gen_state": self.gen_state}
+                "gen_state": self.gen_state, "lr": self.lr}
 
 
 class NonFiniteLoss(UserError):
     pass
 
 
-def train_step(model, x, y, m, optimizer, loss_fn, precision: Precision) -> torch.Tensor:
-    """Forward, loss, backward, update: the model's own work, which the loop around it should not slow."""
-    with precision.autocast(x.device):
-        logits = model(x)
-    loss = loss_fn(logits.float(), y, m)
+@contextlib.contextmanager
+def batchnorm_statistics_kept(model: torch.nn.Module, keep: bool):
+    """A forward pass that leaves BatchNorm's running statistics as they were. Forward passes after the first of
+    an accumulated step use it: a step of 2 forward passes then keeps the statistics of the first, as
+    DistributedDataParallel keeps those of the first process (it broadcasts rank 0's buffers)."""
+    if not keep:
+        yield
+        return
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [[b.clone() for b in m.buffers()] for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, old in zip(norms, saved):
+                for b, o in zip(m.buffers(), old):
+                    b.copy_(o)
+
+
+def train_step(model, passes: Sequence[tuple[torch.Tensor, ...]], optimizer, loss_fn,
+               precision: Precision) -> torch.Tensor:
+    """One optimiser step: forward, loss and backward for each of ``passes`` (``(x, *targets)`` each, on the
+    device), then the update: the model's own work, which the loop around it should not slow.
+
+    Several passes accumulate their gradients (each loss scaled by 1/k, so the step equals one pass over the
+    whole batch), with DistributedDataParallel's gradient exchange only after the last (``no_sync``) and
+    BatchNorm statistics from the first pass only. Returns the (k,) losses, detached and on the device:
+    reading them on the host would be a sync point per step."""
+    k = len(passes)
     optimizer.zero_grad(set_to_none=True)
+    losses = []
+    for i, (x, *targets) in enumerate(passes):
+        exchange = contextlib.nullcontext() if i == k - 1 or not hasattr(model, "no_sync") else model.no_sync()
+        with exchange, batchnorm_statistics_kept(model, keep=i > 0):
+            with precision.autocast(x.device):
+                logits = model(x)
+            loss = loss_fn(logits.float(), *targets)
+            scaled = loss / k if k > 1 else loss
+            (precision.scaler.scale(scaled) if precision.scaler is not None else scaled).backward()
+        losses.append(loss.detach())
     if precision.scaler is not None:
-        precision.scaler.scale(loss).backward()
         precision.scaler.step(optimizer)
         precision.scaler.update()
     else:
-        loss.backward()
         optimizer.step()
-    return loss
+    return torch.stack(losses)
+
+
+def first_non_finite(losses: torch.Tensor, step: int, first_bad: torch.Tensor) -> torch.Tensor:
+    """``first_bad`` (a device scalar, -1 while none) set to ``step`` at the first step with a NaN or infinite
+    loss, without asking the host."""
+    return torch.where((first_bad < 0) & ~torch.isfinite(losses).all(), step, first_bad)
 
 
 def train_one_epoch(model, split: Split, batcher: Batcher, optimizer, loss_fn, batch_size: int, seed: int,
@@ -325,10 +371,10 @@ def train_one_epoch(model, split: Split, batcher: Batcher, optimizer, loss_fn, b
         x = batcher(split.images[image_order[start:start + batch_size]], gen)
         y = batcher.to_device(split.labels[idx])
         m = batcher.to_device(split.mask[idx])
-        loss = train_step(model, x, y, m, optimizer, loss_fn, precision)
+        loss = train_step(model, [(x, y, m)], optimizer, loss_fn, precision)
         # Kept on the device: checking each loss on the host would be a sync point per step.
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
-        total += loss.detach().double() * len(idx)
+        first_bad = first_non_finite(loss, step, first_bad)
+        total += loss[0].double() * len(idx)
         progress.seen += len(idx)
     bad = int(first_bad)
     if bad >= 0:
@@ -341,7 +387,9 @@ def train_one_epoch(model, split: Split, batcher: Batcher, optimizer, loss_fn, b
 
 
 @torch.inference_mode()
-def predict(model, split: Split, batcher: Batcher, batch_size: int, precision: Precision | None = None) -> np.ndarray:
+def predict_probs(model, split: Split, batcher: Batcher, batch_size: int,
+                  precision: Precision | None = None) -> np.ndarray:
+    """Sigmoid outputs (N, L) of the model for every image of ``split``, in order."""
     precision = precision or Precision()
     model.eval()
     out = []
@@ -354,7 +402,8 @@ def predict(model, split: Split, batcher: Batcher, batch_size: int, precision: P
     return torch.cat(out).cpu().numpy() if out else np.zeros((0, split.labels.shape[1]), dtype=np.float32)
 
 
-def evaluate(model, split: Split, batcher: Batcher, batch_size: int, labels: list[str], name: str,
-             precision: Precision | None = None) -> Scores:
-    probs = predict(model, split, batcher, batch_size, precision)
+def score_split(model, split: Split, batcher: Batcher, batch_size: int, labels: list[str], name: str,
+                precision: Precision | None = None) -> Scores:
+    """The metrics of the model's predictions on ``split`` (metrics.score)."""
+    probs = predict_probs(model, split, batcher, batch_size, precision)
     return score(split.labels.numpy(), probs, labels, mask=split.mask.numpy(), split=name)

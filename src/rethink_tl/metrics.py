@@ -17,6 +17,9 @@ import numpy as np
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
 
 METRICS = ("auroc", "auprc", "auprc_trapz")
+# How tables and figures name them; the DEFAULT_METRICS are what they show unless asked (rtl report --metric).
+METRIC_NAMES = {"auroc": "AUROC", "auprc": "AUPRC", "auprc_trapz": "AUPRC (trapezoid)"}
+DEFAULT_METRICS = ("auroc", "auprc")
 
 
 class SingleClassWarning(UserWarning):

@@ -68,3 +68,12 @@ class GracefulStop:
 
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum is not None else ""
+
+
+def stop_here(stop: GracefulStop, message: str, log) -> None:
+    """A signal arrived and the state is saved: say so, then hand the signal on to the handler installed before
+    ours (submitit's requeue, which may exit; its TERM bypass, which returns: the run then goes on), or end the
+    run with ``Interrupted``. The one way both training loops stop."""
+    log.warning(message)
+    if not stop.hand_on():
+        raise Interrupted(stop.signum, message)

@@ -24,120 +24,35 @@ from typing import Any
 
 import pandas as pd
 import torch
-from filelock import FileLock, Timeout
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from . import __version__, atomic_io
-from .config import differences, identity, setting_id, validate
-from .data import DataBundle, build_data, dataset_labels
-from .data.base import check_label_names, check_learnable
-from .engine import (Batcher, EpochProgress, Precision, configure_device, device_name, evaluate, make_batchers,
-                     make_optimizer, masked_bce, maybe_compile, move_to_device, predict, resolve_precision,
-                     restore_rng, rng_state, seed_everything, train_one_epoch)
-from .metrics import score
-from .predictions import PREDICTIONS_FILE, SplitPredictions, write as write_predictions
+from . import __version__, atomic_io, runfiles as rf
+from .config import validate
+from .data import DataBundle, build_data, check_label_names, check_learnable, dataset_labels
+from .engine import (Batcher, EpochProgress, Precision, configure_device, device_name, make_batchers, make_optimizer,
+                     masked_bce, maybe_compile, move_to_device, predict_probs, resolve_precision, restore_rng,
+                     rng_state, score_split, seed_everything, train_one_epoch)
 from .errors import NotYourRun, UserError
-from .models import build_model, check_image_size
-from .preempt import GracefulStop, Interrupted
-from .results import BrokenRun, read_run
+from .evidence.predictions import SplitPredictions, write as write_predictions
+from .evidence.results import BrokenRun, RunFacts, read_run, results_row
+from .identity import identity, setting_id
+from .metrics import score
+from .models import build_model, check_image_size, check_model_keys
+from .preempt import GracefulStop, stop_here
+from .rundir import TRAIN, RunDir, check_resumable, resume_hint
 from .weights import apply_init, installed, weights_home, weights_slot
 
 log = logging.getLogger(__name__)
-
-# What a run directory holds once it has trained (identity.json says with which settings).
-RUN_FILES = ("results.csv", "metrics.csv", "last.pt", "best.pt", "predictions.csv.gz", "identity.json", "config.yaml",
-             "error.txt")
-
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-# --- the run directory ------------------------------------------------------------------------------
-
-class RunDir:
-    """One run's folder: which settings it belongs to, and whether it is finished, resumable or new.
-
-    A folder belongs to one set of result-affecting settings (config.identity), recorded in
-    identity.json. A run is skipped or resumed only when the stored settings equal the requested ones;
-    anything else is refused with the differing keys. ``runtime.force=true`` starts over, but the old
-    files go only when the new run writes its first file (``claim``): a run that fails before that,
-    on a typo or a missing file, leaves the old one intact.
-    """
-
-    def __init__(self, path: Path, settings: dict[str, Any], force: bool, files: tuple[str, ...] = RUN_FILES,
-                 done: str = "results.csv", foreign: tuple[str, ...] = ("weights.json", "pretrain.csv")):
-        self.path, self.settings, self.force = path, settings, force
-        self.files, self.done = files, done  # what this kind of run writes, and the file that marks it finished
-        self.foreign = foreign  # files of the other kind of run (rtl train / rtl pretrain): never mixed
-        self.claimed = False
-        self.lock = FileLock(str(path / ".rtl.lock"))
-
-    def __enter__(self) -> "RunDir":
-        self.path.mkdir(parents=True, exist_ok=True)
-        try:
-            self.lock.acquire(timeout=0)
-        except Timeout:
-            raise NotYourRun(f"another rtl process is training in {self.path} right now; wait for it to finish, "
-                            "or give this run another output folder (hydra.run.dir=...)") from None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.lock.release()
-
-    def status(self) -> str:
-        """``finished``, ``resume`` or ``new``; raises UserError when the folder holds other settings."""
-        other = [name for name in self.foreign if (self.path / name).exists()]
-        if other:
-            kind = "an rtl pretrain" if "weights.json" in other or "pretrain.csv" in other else "an rtl train"
-            raise NotYourRun(f"{self.path} holds {kind} run ({', '.join(other)}), not one of this kind: give this "
-                             "run another output folder (hydra.run.dir=...)")
-        stored_path = self.path / "identity.json"
-        has_run = any((self.path / name).exists() for name in self.files if name not in ("identity.json", "config.yaml",
-                                                                                         "error.txt"))
-        if self.force or not (has_run or stored_path.exists()):
-            return "new"
-        if not stored_path.exists():
-            raise UserError(f"{self.path} holds a run without a record of its settings (identity.json; made by an "
-                            "older rtl?), so it cannot be resumed or reused safely: give this run another output "
-                            "folder, or start it over with runtime.force=true")
-        try:
-            stored = json.loads(stored_path.read_text())["settings"]
-            if not isinstance(stored, dict):
-                raise TypeError("'settings' is not a mapping")
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise NotYourRun(f"{stored_path} is damaged ({err}), so this folder cannot be resumed or reused safely: "
-                             "start the run over with runtime.force=true, or use another output folder") from err
-        diff = differences(stored, self.settings)
-        if diff:
-            raise NotYourRun(f"{self.path} holds a run with other settings ({len(diff)} differ: {'; '.join(diff)}): "
-                            "give this run another output folder (hydra.run.dir=... or hydra.sweep.dir=...), or "
-                            "replace that run with runtime.force=true")
-        if (self.path / self.done).exists():
-            return "finished"
-        return "resume" if (self.path / "last.pt").exists() else "new"
-
-    def claim(self, cfg: DictConfig) -> None:
-        """Before the first file of this run is written: clear a forced run's old files, record the settings."""
-        if self.claimed:
-            return
-        if self.force:
-            for name in self.files:
-                (self.path / name).unlink(missing_ok=True)
-        for stale_tmp in self.path.glob(".*.tmp"):  # left by a process killed in the middle of an atomic write
-            stale_tmp.unlink()
-        (self.path / "error.txt").unlink(missing_ok=True)
-        atomic_io.write_json({"setting_id": setting_id(self.settings), "settings": self.settings},
-                             self.path / "identity.json")
-        atomic_io.write_bytes(self.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
-        self.claimed = True
-
-
 # --- set-up -----------------------------------------------------------------------------------------
 
 @dataclass
-class Setup:
+class TrainSetup:
     """Everything built before the first step."""
 
     device: torch.device
@@ -161,7 +76,7 @@ def check_labels(data: DataBundle) -> None:
         check_learnable(data.label_names, split.labels.numpy(), split.mask.numpy(), name, data.name)
 
 
-def setup(cfg: DictConfig) -> Setup:
+def setup(cfg: DictConfig) -> TrainSetup:
     """Device, model, weights and data, cheapest checks first: nothing here writes a file."""
     rc, tc = cfg.runtime, cfg.train
     device = configure_device(rc)
@@ -190,28 +105,11 @@ def setup(cfg: DictConfig) -> Setup:
         pos = torch.as_tensor(data.train.positives(), dtype=torch.float32)
         counted = data.train.mask.sum(0).float()
         pos_weight = ((counted - pos) / pos.clamp_min(1)).to(device)
-    return Setup(device, model, step_model, init, data, labels, precision, train_batcher, eval_batcher,
-                 masked_bce(pos_weight), fingerprint, n_params)
+    return TrainSetup(device, model, step_model, init, data, labels, precision, train_batcher, eval_batcher,
+                      masked_bce(pos_weight), fingerprint, n_params)
 
 
 # --- the state that is saved and restored -----------------------------------------------------------
-
-def check_resumable(state: dict[str, Any], fingerprint: str, precision: Precision, source: Path) -> None:
-    """The settings matched (RunDir.status); these two can still differ: the data files changed under the same
-    config, or the GPU resolves runtime.amp=auto differently. (rtl train and rtl pretrain checkpoints.)"""
-    keys = ("data_fingerprint", "precision", "model", "optimizer")
-    missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
-    if missing:
-        raise UserError(f"{source} is not a checkpoint of this kind of run (no {', '.join(missing)}): delete it to "
-                        "start the run over, or use runtime.force=true")
-    if state["data_fingerprint"] != fingerprint:
-        raise UserError(f"{source} was trained on other data (fingerprint {state['data_fingerprint']}, now "
-                        f"{fingerprint}: images, labels or file names changed): start over with runtime.force=true")
-    if state["precision"] != precision.name:
-        raise UserError(f"{source} was trained in {state['precision']}, this machine would continue in "
-                        f"{precision.name}: set runtime.amp={state['precision'].replace('fp32', 'off')} "
-                        "to resume, or start over with runtime.force=true")
-
 
 @dataclass
 class TrainState:
@@ -243,7 +141,7 @@ class TrainState:
                 "rng": rng_state(self.device)}
 
     def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
-        check_resumable(state, self.fingerprint, self.precision, source)
+        check_resumable(state, self.fingerprint, self.precision.name, source)
         if state["weights"] != self.weights:
             raise UserError(f"{source} started from the weights {state['weights']}, this machine finds "
                             f"{self.weights}: make the same file available (init.weights=PATH), or start over with "
@@ -280,25 +178,17 @@ def _should_stop(tc, state: TrainState) -> bool:
     return False
 
 
-def fit(cfg: DictConfig, s: Setup, state: TrainState, run_dir: RunDir) -> None:
+def fit(cfg: DictConfig, s: TrainSetup, state: TrainState, run_dir: RunDir) -> None:
     """Train until train.epochs (or an optional early stop), saving last.pt every epoch and best.pt at
     every better validation AUPRC. A signal ends the current step, saves, then stops (or hands on)."""
     tc, rc = cfg.train, cfg.runtime
-    out = run_dir.path
-    last_path, best_path = out / "last.pt", out / "best.pt"
+    last_path, best_path = run_dir.file(rf.LAST), run_dir.file(rf.BEST)
 
     def save_last() -> None:
         run_dir.claim(cfg)
         atomic_io.save(state.state_dict(), last_path)
 
-    def stopped(message: str, stop: GracefulStop) -> None:
-        log.warning(message)
-        if not stop.hand_on():  # True: an earlier handler (e.g. submitit's TERM bypass) wants the run to go on
-            raise Interrupted(stop.signum, message)
-
-    # A forced run resumes like any other, once the force is dropped (with it, the run would start over).
-    again = ("run the same command again to resume" if not rc.force else
-             "run the same command without runtime.force=true to resume")
+    again = resume_hint(rc.force)
     bar = tqdm(total=tc.epochs, initial=state.progress.epoch - 1, desc=f"{s.model.info.name}/{s.init.strategy}",
                disable=not rc.progress)
     with GracefulStop() as stop:
@@ -313,10 +203,11 @@ def fit(cfg: DictConfig, s: Setup, state: TrainState, run_dir: RunDir) -> None:
             state.train_seconds += time.perf_counter() - t0
             if not done:
                 save_last()
-                stopped(f"stopped by {stop.name()} at epoch {epoch}, step {state.progress.step}; state saved to "
-                        f"{last_path}: {again}", stop)
+                stop_here(stop, f"stopped by {stop.name()} at epoch {epoch}, step {state.progress.step}; state saved "
+                          f"to {last_path}: {again}", log)
                 continue
-            val = evaluate(s.step_model, s.data.val, s.eval_batcher, rc.eval_batch_size, s.labels, "val", s.precision)
+            val = score_split(s.step_model, s.data.val, s.eval_batcher, rc.eval_batch_size, s.labels, "val",
+                              s.precision)
             val_auprc = val.macro["auprc"]
             if not math.isnan(val_auprc):
                 state.scheduler.step(val_auprc)
@@ -332,14 +223,14 @@ def fit(cfg: DictConfig, s: Setup, state: TrainState, run_dir: RunDir) -> None:
             state.progress = EpochProgress(epoch=epoch + 1)
             # last.pt first: metrics.csv is rewritten from its history, so the two never disagree for long.
             save_last()
-            atomic_io.write_csv(pd.DataFrame(state.history), out / "metrics.csv")
+            atomic_io.write_csv(pd.DataFrame(state.history), run_dir.file(rf.METRICS))
             bar.update(1)
             bar.set_postfix(loss=f"{state.history[-1]['train_loss']:.4f}", val_auprc=f"{val_auprc:.4f}",
                             best=state.best_epoch)
             log.info("epoch %d lr %.2e loss %.4f val AUROC %.4f AUPRC %.4f%s", epoch, lr,
                      state.history[-1]["train_loss"], val.macro["auroc"], val_auprc, " *" if improved else "")
             if stop.requested:  # arrived during evaluation: the epoch is saved, nothing to redo
-                stopped(f"stopped by {stop.name()} after epoch {epoch}; {again}", stop)
+                stop_here(stop, f"stopped by {stop.name()} after epoch {epoch}; {again}", log)
     bar.close()
 
 
@@ -364,51 +255,39 @@ def _git_commit() -> str:
         return ""
 
 
-def score_best(cfg: DictConfig, s: Setup, state: TrainState, settings: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Load best.pt, score it on val and test, write its per-image predictions (predictions.csv.gz) and build
-    the results row (every value is what the run used)."""
-    best_path = out / "best.pt"
+def score_best(cfg: DictConfig, s: TrainSetup, state: TrainState, settings: dict[str, Any],
+               run_dir: RunDir) -> dict[str, Any]:
+    """Load best.pt, score it on val and test, write its per-image predictions and build the results row
+    (every value is what the run used)."""
+    best_path = run_dir.file(rf.BEST)
     if not best_path.exists():
         raise UserError("no epoch gave a defined validation AUPRC, so there is no model to test")
     best = atomic_io.load(best_path, fix="start the run over with runtime.force=true")
     s.model.load_state_dict(best["model"])
-    bs = cfg.runtime.eval_batch_size
     kept, scores = {}, {}
     for name in ("val", "test"):
         split = getattr(s.data, name)
-        probs = predict(s.step_model, split, s.eval_batcher, bs, s.precision).astype("float32")
+        probs = predict_probs(s.step_model, split, s.eval_batcher, cfg.runtime.eval_batch_size,
+                              s.precision).astype("float32")
         labels, mask = split.labels.numpy(), split.mask.numpy()
         # Scored from the very float32 values the file keeps, so results.csv follows from predictions.csv.gz.
         scores[name] = score(labels, probs, s.labels, mask=mask, split=name)
         kept[name] = SplitPredictions(split.ids, split.patients, labels, mask, probs)
-    write_predictions(out / PREDICTIONS_FILE, kept, s.labels)
-    val, test = scores["val"], scores["test"]
+    write_predictions(run_dir.file(rf.PREDICTIONS), kept, s.labels)
     images_seen = sum(r["images_seen"] for r in state.history)
-    row: dict[str, Any] = {
-        "dataset": s.data.name, "model": str(cfg.model.tag), "init": str(cfg.init.name),
-        "strategy": s.init.strategy, "fraction": float(cfg.data.fraction), "seed": int(cfg.train.seed),
-        "setting_id": setting_id(settings), "params": s.n_params,
-        "best_epoch": int(best["epoch"]), "epochs_run": len(state.history), "epochs": int(cfg.train.epochs),
-        "val_auroc": val.macro["auroc"], "val_auprc": val.macro["auprc"],
-        "test_auroc": test.macro["auroc"], "test_auprc": test.macro["auprc"],
-    }
-    row.update({k: v for k, v in val.flat("val").items() if k not in row})
-    row.update({k: v for k, v in test.flat("test").items() if k not in row})
-    row.update({
-        "n_train": len(s.data.train), "n_val": len(s.data.val), "n_test": len(s.data.test),
-        # subset_seed: the seed that drew the training subset; None (an empty cell) at data.fraction=1
-        "split_rule": s.data.split_rule, "subset_seed": s.data.subset_seed,
-        "train_balance": s.data.balance("train"), "val_balance": s.data.balance("val"),
-        "test_balance": s.data.balance("test"),
-        "image_size": int(s.data.train.images.shape[-1]), "batch_size": int(cfg.train.batch_size),
-        "lr": float(cfg.train.lr), "train_seconds": round(state.train_seconds, 3),
-        "images_per_s": round(images_seen / state.train_seconds, 2) if state.train_seconds > 0 else float("nan"),
-        "device": device_name(s.device), "precision": s.precision.name, "weights": s.init.source,
-        "weights_sha256": s.init.sha256,
-        "data_fingerprint": s.fingerprint, "started": state.started, "finished": _now(),
-        "git_commit": _git_commit(), **_versions(),
-    })
-    return row
+    facts = RunFacts(
+        dataset=s.data.name, model=str(cfg.model.tag), init=str(cfg.init.name), strategy=s.init.strategy,
+        fraction=float(cfg.data.fraction), seed=int(cfg.train.seed), setting_id=setting_id(settings),
+        params=s.n_params, best_epoch=int(best["epoch"]), epochs_run=len(state.history), epochs=int(cfg.train.epochs),
+        n_train=len(s.data.train), n_val=len(s.data.val), n_test=len(s.data.test), split_rule=s.data.split_rule,
+        subset_seed=s.data.subset_seed, train_balance=s.data.balance("train"), val_balance=s.data.balance("val"),
+        test_balance=s.data.balance("test"), image_size=int(s.data.train.images.shape[-1]),
+        batch_size=int(cfg.train.batch_size), lr=float(cfg.train.lr), train_seconds=round(state.train_seconds, 3),
+        images_per_s=round(images_seen / state.train_seconds, 2) if state.train_seconds > 0 else float("nan"),
+        device=device_name(s.device), precision=s.precision.name, weights=s.init.source,
+        weights_sha256=s.init.sha256, data_fingerprint=s.fingerprint, started=state.started, finished=_now(),
+        git_commit=_git_commit(), **_versions())
+    return results_row(facts, scores["val"], scores["test"])
 
 
 # --- one run ----------------------------------------------------------------------------------------
@@ -423,7 +302,7 @@ def _same_installed_weights(cfg: DictConfig, row: dict[str, Any], path: Path) ->
     now = installed(slot)
     used, used_sha = str(row.get("weights", "")), str(row.get("weights_sha256", "") or "")
     used_sha = "" if used_sha == "nan" else used_sha
-    was_installed = Path(used).name == "weights.pth" and Path(used).parent.name == slot
+    was_installed = Path(used).name == rf.WEIGHTS and Path(used).parent.name == slot
     again = "run it again with runtime.force=true, or give init.weights=PATH to the file it used"
     if now is not None:
         now_path, meta = now
@@ -440,34 +319,40 @@ def _same_installed_weights(cfg: DictConfig, row: dict[str, Any], path: Path) ->
 def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     """Train one setting into ``out_dir`` and return its results row (also written to results.csv)."""
     validate(cfg)
+    check_model_keys(cfg.model)
     settings = identity(cfg)
-    with RunDir(Path(out_dir), settings, bool(cfg.runtime.force)) as run_dir:
+    run_dir = RunDir(Path(out_dir), settings, bool(cfg.runtime.force), TRAIN)
+    run_dir.acquire()
+    try:
         status = run_dir.status()
-        results_path = run_dir.path / "results.csv"
         if status == "finished":
-            try:
-                row = read_run(run_dir.path).row
-            except BrokenRun as err:
-                raise NotYourRun(f"{err}; run it again from scratch with runtime.force=true") from err
-            _same_installed_weights(cfg, row, run_dir.path)
-            log.warning("%s: finished with the same settings, skipping (runtime.force=true runs it again)",
-                        run_dir.path)
-            return row
-
+            return _finished_row(cfg, run_dir)
         s = setup(cfg)
         optimizer, scheduler = make_optimizer(s.model, cfg.train)
         state = TrainState(s.model, optimizer, scheduler, s.precision, s.device, s.fingerprint, s.init.source,
                            s.init.sha256)
-        last_path = run_dir.path / "last.pt"
         if status == "resume":
+            last_path = run_dir.file(rf.LAST)
             state.load_state_dict(atomic_io.load(last_path, fix="delete it to start this run over from epoch 1, "
                                                  "or use runtime.force=true"), last_path)
             log.info("resuming from %s at epoch %d step %d (best val AUPRC %.4f at epoch %d)", last_path,
                      state.progress.epoch, state.progress.step, state.best, state.best_epoch)
-
         fit(cfg, s, state, run_dir)
-        row = score_best(cfg, s, state, settings, run_dir.path)
-        atomic_io.write_csv(pd.DataFrame([row]), results_path)
+        row = score_best(cfg, s, state, settings, run_dir)
+        atomic_io.write_csv(pd.DataFrame([row]), run_dir.file(rf.RESULTS))
+    finally:
+        run_dir.release()
     log.info("test AUROC %.4f AUPRC %.4f (best val epoch %d) -> %s", row["test_auroc"], row["test_auprc"],
-             row["best_epoch"], results_path)
+             row["best_epoch"], run_dir.file(rf.RESULTS))
+    return row
+
+
+def _finished_row(cfg: DictConfig, run_dir: RunDir) -> dict[str, Any]:
+    """The results row of a run finished with these settings (skipped), if it still is what they mean."""
+    try:
+        row = read_run(run_dir.path).row
+    except BrokenRun as err:
+        raise NotYourRun(f"{err}; run it again from scratch with runtime.force=true") from err
+    _same_installed_weights(cfg, row, run_dir.path)
+    log.warning("%s: finished with the same settings, skipping (runtime.force=true runs it again)", run_dir.path)
     return row

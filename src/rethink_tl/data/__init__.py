@@ -9,40 +9,80 @@ Every dataset registers three functions: ``build(cfg)`` (the bundle, images incl
 (the label names without reading the data: the model is built first) and ``plan(cfg)`` (a SplitPlan:
 rows, labels and split rule, no pixels). ``build`` computes its split through ``plan``, so what
 ``rtl data`` shows is what a run trains on (less any image skipped with ``data.on_bad_image=skip``).
+
+And the hooks through which the rest of rtl asks what only the dataset knows, so that no module outside
+``data/`` branches on a dataset's kind: ``check(cfg)`` (settings that must agree, run before anything is
+read), ``channels(cfg)`` (the channels its images were decoded with: what a model trained on it expects),
+``findings(cfg, split, ids, label)`` (where a finding was painted, for data that knows: ``rtl explain``) and
+``source_keys`` (the settings that say which images these are: ``rtl evaluate`` refuses to call a run's own
+data external).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, NamedTuple
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from ..errors import UserError
 from .base import SPLIT_NAMES, DataBundle, Split, SplitPlan, check_label_names, check_learnable
+from .images import channels_of_files
 from .splits import stratified_index, subset_seed
 
 
-class Dataset(NamedTuple):
+def _no_check(cfg: Mapping) -> None:
+    return None
+
+
+def _no_findings(cfg: Mapping, split: str, ids: Sequence[str], label: str) -> None:
+    return None
+
+
+def _file_channels(cfg: Mapping) -> Optional[int]:
+    """Datasets of image files: ``data.channels`` when fixed; for ``auto`` what the decode cache resolved (3 if
+    any readable image of the dataset is colour, else 1), read again from the files' headers; None when auto
+    and the files cannot be read any more."""
+    if str(cfg.channels) != "auto":
+        return int(cfg.channels)
+    try:
+        paths = dataset(cfg).plan(cfg).paths
+    except UserError:
+        return None
+    return channels_of_files(paths)
+
+
+@dataclass(frozen=True)
+class Dataset:
     build: Callable[[Mapping], DataBundle]
     labels: Callable[[Mapping], list[str]]
     plan: Callable[[Mapping], SplitPlan]
+    check: Callable[[Mapping], None] = _no_check
+    channels: Callable[[Mapping], Optional[int]] = _file_channels
+    findings: Callable[[Mapping, str, Sequence[str], str], Optional[np.ndarray]] = _no_findings
+    source_keys: tuple[str, ...] = ()  # settings naming the images; paths among them compared resolved
+    path_keys: tuple[str, ...] = ()
 
 
 DATASETS: dict[str, Dataset] = {}
 
 
-def register_dataset(name: str, labels: Callable[[Mapping], list[str]], plan: Callable[[Mapping], SplitPlan]):
-    """Register ``build(cfg)`` with its cheap ``labels(cfg)`` and image-free ``plan(cfg)``."""
+def register_dataset(name: str, labels: Callable[[Mapping], list[str]], plan: Callable[[Mapping], SplitPlan],
+                     **hooks):
+    """Register ``build(cfg)`` with its cheap ``labels(cfg)``, image-free ``plan(cfg)`` and the optional hooks
+    of ``Dataset`` (module docstring)."""
 
     def wrap(fn):
-        DATASETS[name] = Dataset(fn, labels, plan)
+        DATASETS[name] = Dataset(fn, labels, plan, **hooks)
         return fn
 
     return wrap
 
 
-def _lookup(cfg: Mapping) -> Dataset:
-    from . import chexpert, csvlist, medmnist, synthetic_data  # noqa: F401  (register the built-in datasets)
+def dataset(cfg: Mapping) -> Dataset:
+    """The registered dataset that builds ``cfg`` (by ``data.kind``)."""
+    from . import chexpert, csvlist, medmnist, synthetic  # noqa: F401  (register the built-in datasets)
 
     name = str(cfg.kind)
     if name not in DATASETS:
@@ -50,9 +90,45 @@ def _lookup(cfg: Mapping) -> Dataset:
     return DATASETS[name]
 
 
+def check_data(cfg: Mapping) -> None:
+    """What the dataset's own settings must satisfy (shares that leave images, a date that is a date), checked
+    before anything is read. Every entry point below runs it."""
+    dataset(cfg).check(cfg)
+
+
 def dataset_labels(cfg: Mapping) -> list[str]:
     """The label columns ``build_data(cfg)`` will produce, in order."""
-    return list(_lookup(cfg).labels(cfg))
+    check_data(cfg)
+    return list(dataset(cfg).labels(cfg))
+
+
+def trained_channels(cfg: Mapping) -> Optional[int]:
+    """The channels (1 or 3) the images of ``cfg`` were decoded with, i.e. what a model trained on them saw;
+    None when that can no longer be told."""
+    return dataset(cfg).channels(cfg)
+
+
+def finding_masks(cfg: Mapping, split: str, ids: Sequence[str], label: str) -> Optional[np.ndarray]:
+    """(N, H, W) bool masks of where ``label``'s finding is in images ``ids`` of ``split``, for data that knows
+    (the synthetic data paints its findings); None for other data."""
+    return dataset(cfg).findings(cfg, split, ids, label)
+
+
+def same_images(a: Mapping, b: Mapping) -> bool:
+    """Whether data configs ``a`` and ``b`` name the same images (the same kind and source settings)."""
+    if str(a.get("kind")) != str(b.get("kind")):
+        return False
+    entry = dataset(b)
+    if not entry.source_keys:
+        return False
+
+    def value(cfg: Mapping, key: str) -> str:
+        v = cfg.get(key)
+        if key in entry.path_keys and v:
+            return str(Path(str(v)).expanduser().resolve())
+        return str(v)
+
+    return all(value(a, k) == value(b, k) for k in entry.source_keys)
 
 
 def _check_sizes(name: str, sizes: Mapping[str, int]) -> None:
@@ -79,7 +155,8 @@ def build_data(cfg: Mapping, *, train_seed: int = 0) -> DataBundle:
     ``train_seed`` is the run's ``train.seed``: only ``data.subset=per_seed`` reads it (the subset is then
     drawn with ``data.subset_seed + train.seed``). The seed used is ``bundle.subset_seed``.
     """
-    bundle = _lookup(cfg).build(cfg)
+    check_data(cfg)
+    bundle = dataset(cfg).build(cfg)
     _check_sizes(str(cfg["name"]), {k: len(v) for k, v in bundle.splits().items()})
     bundle.whole_fingerprint = bundle.fingerprint()
     index, seed = _subset(cfg, bundle.train.labels.numpy(), bundle.train.mask.numpy(), bundle.label_names,
@@ -96,7 +173,8 @@ def plan(cfg: Mapping, *, train_seed: int = 0, check: bool = False) -> str:
     the label arrays; synthetic: the label draws), and raises the same UserError a run would for a missing
     column, a bad label or date, an empty split or a training subset without positives. With ``check``, also
     a label without positives or negatives in train or val (UnusableSplit, which carries the text)."""
-    p = _lookup(cfg).plan(cfg)
+    check_data(cfg)
+    p = dataset(cfg).plan(cfg)
     if check:
         check_label_names(p.label_names)
     rows = dict(p.parts)
@@ -130,5 +208,6 @@ class UnusableSplit(UserError):
         self.text = text
 
 
-__all__ = ["DATASETS", "DataBundle", "Split", "SplitPlan", "UnusableSplit", "build_data", "dataset_labels", "plan",
-           "register_dataset"]
+__all__ = ["DATASETS", "DataBundle", "Dataset", "Split", "SplitPlan", "UnusableSplit", "build_data", "check_data",
+           "check_label_names", "check_learnable", "dataset", "dataset_labels", "finding_masks", "plan",
+           "register_dataset", "same_images", "trained_channels"]

@@ -39,7 +39,6 @@ from typing import Iterator, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from PIL import UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ..errors import UserError
@@ -229,12 +228,6 @@ def load_images(paths: Sequence[str], cfg, *, label: str, anchor: str | os.PathL
                         location=entry)
 
 
-def _unreadable(err: Exception) -> str:
-    if isinstance(err, UnidentifiedImageError):  # its text repeats the whole path
-        return "unreadable: not an image file PIL can identify"
-    return f"unreadable: {err}"
-
-
 def _resolve_channels(files, stats, spec: ImageSpec, setting: str, pool) -> tuple[ImageSpec, dict[int, str]]:
     """Fix ``auto`` channels from the file headers; headers that cannot be read mark the file bad."""
     if setting != "auto":
@@ -245,7 +238,7 @@ def _resolve_channels(files, stats, spec: ImageSpec, setting: str, pool) -> tupl
         try:
             return imageio.header_channels(files[i])
         except DECODE_ERRORS as err:
-            return _unreadable(err)
+            return imageio.unreadable_reason(err)
 
     found = list(_pmap(pool, probe, present))
     bad = {i: r for i, r in zip(present, found) if isinstance(r, str)}
@@ -279,7 +272,7 @@ def _decode_all(files, stats, spec, setting, workers, out_path: Path | None, reu
                 arr[i] = imageio.decode_image(files[i], spec)
                 return ""
             except DECODE_ERRORS as err:
-                return _unreadable(err)
+                return imageio.unreadable_reason(err)
 
         t0 = time.perf_counter()
         bar = tqdm(total=len(todo), desc="decoding images", unit="img", disable=None)

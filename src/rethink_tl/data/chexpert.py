@@ -143,6 +143,6 @@ def chexpert_plan(cfg: Mapping) -> SplitPlan:
                      cache_label="chexpert", patients=_patients(rel))
 
 
-@register_dataset("chexpert", labels=chexpert_labels, plan=chexpert_plan)
+@register_dataset("chexpert", labels=chexpert_labels, plan=chexpert_plan, source_keys=("root",), path_keys=("root",))
 def build_chexpert(cfg: Mapping) -> DataBundle:
     return assemble(chexpert_plan(cfg), cfg)

@@ -15,6 +15,8 @@ land in two splits.
 
 from __future__ import annotations
 
+from datetime import date
+
 import logging
 from pathlib import Path
 from typing import Mapping
@@ -143,6 +145,20 @@ def csv_plan(cfg: Mapping) -> SplitPlan:
                      patients=[str(p) for p in patients] if patient_col else None)
 
 
-@register_dataset("csv", labels=csv_labels, plan=csv_plan)
+def check_csv(cfg: Mapping) -> None:
+    """data.cutoff_date: null (a random split) or a date."""
+    cutoff = cfg.get("cutoff_date")
+    if cutoff is not None and not str(cutoff).strip():
+        raise UserError("data.cutoff_date is empty: give YYYY-MM-DD for the prospective split, or null (leave it "
+                        "out) for a random split")
+    if cutoff:
+        try:
+            date.fromisoformat(str(cutoff))
+        except ValueError as err:
+            raise UserError(f"data.cutoff_date={cutoff} is not a date: write YYYY-MM-DD") from err
+
+
+@register_dataset("csv", labels=csv_labels, plan=csv_plan, check=check_csv, source_keys=("csv",),
+                  path_keys=("csv",))
 def build_csv(cfg: Mapping) -> DataBundle:
     return assemble(csv_plan(cfg), cfg)

@@ -77,6 +77,9 @@ def index_folder(root: Any) -> FolderIndex:
         raise UserError("data.root is not set: give the folder that holds train/<class>/ and val/<class>/, e.g. "
                         "rtl pretrain data.root=/data/imagenet")
     root = Path(os.path.expanduser(str(root))).resolve()
+    if root.exists() and not root.is_dir():
+        raise UserError(f"data.root={root} is a file, not a folder: give the folder that holds train/<class>/ and "
+                        "val/<class>/")
     if not root.is_dir():
         raise UserError(f"data.root={root}: no such folder")
     classes: dict[str, list[str]] = {}

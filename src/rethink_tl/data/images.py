@@ -19,10 +19,11 @@ is cut away; ``stretch`` ignores the aspect ratio (what a plain ``Resize((S, S))
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Modes whose samples do not fit in 8 bits and need an explicit rescale.
 _WIDE_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
@@ -43,6 +44,38 @@ class ImageSpec:
 
     def key(self) -> str:
         return f"{self.size}|{self.resize}|{self.channels}|{self.rescale16}"
+
+
+def unreadable_reason(err: Exception) -> str:
+    """Why a file that PIL raised ``err`` (one of DECODE_ERRORS) for cannot be used, in a few words."""
+    if isinstance(err, UnidentifiedImageError):  # its text repeats the whole path
+        return "unreadable: not an image file PIL can identify"
+    return f"unreadable: {err}"
+
+
+def file_channels(path: str) -> int | str:
+    """1 or 3 (the file's channels, from its header), or why the file cannot be used."""
+    if not os.path.exists(path):
+        return "missing"
+    if not os.path.isfile(path):
+        return "not a file"
+    try:
+        return header_channels(path)
+    except DECODE_ERRORS as err:
+        return unreadable_reason(err)
+
+
+def channels_of_files(paths) -> int | None:
+    """What ``channels=auto`` resolves to for these files: 3 if any readable one is colour (it stops at the
+    first), else 1; None when none can be read."""
+    found = None
+    for path in paths:
+        got = file_channels(path)
+        if got == 3:
+            return 3
+        if got == 1:
+            found = 1
+    return found
 
 
 def header_channels(path: str) -> int:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Mapping
+from typing import Optional, Mapping
 from zipfile import BadZipFile
 
 import numpy as np
@@ -206,7 +206,12 @@ def medmnist_plan(cfg: Mapping) -> SplitPlan:
     return SplitPlan.stacked(str(cfg.name), names, ys, ids, SPLIT_RULE)
 
 
-@register_dataset("medmnist", labels=medmnist_labels, plan=medmnist_plan)
+def medmnist_channels(cfg: Mapping) -> Optional[int]:
+    return medmnist_info().get(str(cfg.flag).lower(), {}).get("n_channels")
+
+
+@register_dataset("medmnist", labels=medmnist_labels, plan=medmnist_plan, channels=medmnist_channels,
+                  source_keys=("flag", "root"), path_keys=("root",))
 def build_medmnist(cfg: Mapping) -> DataBundle:
     flag = _flag(cfg)
     task, names = _task_and_names(cfg, flag)

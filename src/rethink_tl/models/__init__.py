@@ -11,7 +11,9 @@ from .registry import (
     ModelInfo,
     Trunk,
     build_model,
+    canonical_name,
     check_image_size,
+    check_model_keys,
     model_names,
     register,
 )
@@ -26,7 +28,9 @@ __all__ = [
     "ModelInfo",
     "Trunk",
     "build_model",
+    "canonical_name",
     "check_image_size",
+    "check_model_keys",
     "model_names",
     "register",
 ]

@@ -145,24 +145,48 @@ Builder = Callable[[str, Mapping[str, Any]], Trunk]
 
 _BUILDERS: dict[str, Builder] = {}
 _ALIASES: dict[str, str] = {}
+# The optional keys of ModelConfig that only some models read: model name -> the ones it reads (and needs).
+OPTIONAL_KEYS = ("backbone", "cut")
+_READS: dict[str, tuple[str, ...]] = {}
 
 
-def register(name: str, *aliases: str) -> Callable[[Builder], Builder]:
-    """Register ``builder(name, model_cfg) -> Trunk`` under ``name`` (and ``aliases``).
+def register(name: str, *aliases: str, reads: tuple[str, ...] = ()) -> Callable[[Builder], Builder]:
+    """Register ``builder(name, model_cfg) -> Trunk`` under ``name`` (and ``aliases``). ``reads``: which of
+    OPTIONAL_KEYS the builder needs (``model.backbone`` for any timm net, ``model.cut`` for a cut one); the
+    others must be left out, or they would be ignored yet still name another run directory.
 
     Each name also needs ``conf/model/NAME.yaml`` so the CLI can select it.
     """
+    unknown = set(reads) - set(OPTIONAL_KEYS)
+    if unknown:
+        raise ValueError(f"model {name!r} reads unknown keys {sorted(unknown)}; optional keys are {OPTIONAL_KEYS}")
 
     def add(builder: Builder) -> Builder:
         for n in (name, *aliases):
             if n in _BUILDERS or n in _ALIASES:
                 raise ValueError(f"model name {n!r} is registered twice")
         _BUILDERS[name] = builder
+        _READS[name] = tuple(reads)
         for alias in aliases:
             _ALIASES[alias] = name
         return builder
 
     return add
+
+
+def check_model_keys(model_cfg: Mapping[str, Any]) -> None:
+    """``model.backbone`` and ``model.cut`` where the model reads them, and nowhere else (UserError)."""
+    if OmegaConf.is_config(model_cfg) and OmegaConf.is_missing(model_cfg, "name"):
+        return
+    name = canonical_name(str(model_cfg["name"]))
+    for key in OPTIONAL_KEYS:
+        value = model_cfg.get(key)
+        readers = [n for n, keys in _READS.items() if key in keys]
+        if key in _READS[name] and (value is None or str(value).strip() == ""):
+            raise UserError(f"model={name} needs model.{key}")
+        if key not in _READS[name] and value is not None:
+            raise UserError(f"model.{key}={value} does not apply to model={name} (only to model="
+                            f"{' / '.join(readers)}): leave it out")
 
 
 def model_names() -> tuple[str, ...]:
@@ -193,6 +217,7 @@ def build_model(model_cfg: Mapping[str, Any], num_labels: int, *, image_size: in
     if not name:
         raise UserError(f"the model config has no name; choose one with model=NAME from: {', '.join(model_names())}")
     name = canonical_name(str(name))
+    check_model_keys(model_cfg)
     return Classifier(_BUILDERS[name](name, model_cfg), num_labels, head=str(model_cfg.head),
                       dropout=float(model_cfg.dropout), image_size=image_size)
 

@@ -159,13 +159,13 @@ def _timm_info(name: str, kind: str, cfg: Mapping[str, Any], trunk: nn.Module, n
         num_features=num_features)
 
 
-@register("timm")
+@register("timm", reads=("backbone",))
 def build_timm(name: str, cfg: Mapping[str, Any]) -> Trunk:
     trunk = timm_backbone(cfg)
     return Trunk(trunk, _timm_info(name, "full", cfg, trunk, int(trunk.num_features)), timm_features)
 
 
-@register("trunc")
+@register("trunc", reads=("backbone", "cut"))
 def build_trunc(name: str, cfg: Mapping[str, Any]) -> Trunk:
     trunk = timm_backbone(cfg)
     backbone = str(cfg.backbone)

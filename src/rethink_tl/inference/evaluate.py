@@ -18,7 +18,6 @@ data built once per distinct data config.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
@@ -33,11 +32,18 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import __version__, atomic_io
-from .errors import UserError
-from .results import EXTERNAL_MARK, RESULTS_FILE, run_dirs
+from .. import __version__, atomic_io, runfiles as rf
+from ..config import validate
+from ..data import build_data, dataset, dataset_labels, same_images, trained_channels
+from ..errors import UserError
+from ..evidence.predictions import SplitPredictions, write as write_predictions
+from ..evidence.results import run_dirs
+from ..identity import differences
+from ..metrics import SingleClassWarning, score
+from .finished import finished_below, infer, load_run
+from .predict import pick_device
 
-EXTERNAL_DIR = "external"
+EXTERNAL_DIR = rf.EXTERNAL_DIR
 SPLIT_NAME = "external"  # the split name in predictions.csv.gz
 
 
@@ -63,8 +69,6 @@ def compose_data(overrides: list[str]) -> DictConfig:
     """The ``data`` config the overrides give, checked as rtl train checks it."""
     from hydra import compose, initialize_config_module
 
-    from .config import validate
-
     with initialize_config_module(config_module="rethink_tl.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=list(overrides))
     validate(cfg)
@@ -75,8 +79,6 @@ def data_for_run(data: DictConfig, given: set[str], run_data: DictConfig,
                  channels_of: dict[str, Optional[int]]) -> tuple[DictConfig, list[str]]:
     """The external data config for one run: the run's image size, the whole dataset, and the run's decoding
     where the overrides do not set it. Returns it with notes for the user."""
-    from .predict import training_channels
-
     size = int(run_data.image_size)
     if "data.image_size" in given and int(data.image_size) != size:
         raise UserError(f"data.image_size={data.image_size}, but the run was trained at {size} px: a model is "
@@ -94,7 +96,7 @@ def data_for_run(data: DictConfig, given: set[str], run_data: DictConfig,
     if "channels" in d and "data.channels" not in given:
         memo = json.dumps(OmegaConf.to_container(run_data, resolve=True), sort_keys=True, default=str)
         if memo not in channels_of:
-            channels_of[memo] = training_channels(run_data)
+            channels_of[memo] = trained_channels(run_data)
         trained = channels_of[memo]
         if trained is None:
             notes.append("the run trained with data.channels=auto and its training images cannot be read to tell "
@@ -105,28 +107,14 @@ def data_for_run(data: DictConfig, given: set[str], run_data: DictConfig,
     return d, notes
 
 
-# What fixes a dataset's images, per kind: equal values mean the images the run was trained and tested on.
-SOURCE_KEYS = {"synthetic": ("seed",), "csv": ("csv",), "chexpert": ("root",), "medmnist": ("flag", "root")}
-
-
 def check_other_data(run_data: DictConfig, data: DictConfig) -> None:
     """Refuse to call a run's own dataset external (the synthetic data with the run's seed, the run's CSV)."""
-    kind = str(data.kind)
-    if str(run_data.get("kind")) != kind or kind not in SOURCE_KEYS:
-        return
-
-    def value(cfg: DictConfig, key: str) -> str:
-        v = cfg.get(key)
-        if key in ("csv", "root") and v:
-            return str(Path(str(v)).expanduser().resolve())
-        return str(v)
-
-    keys = SOURCE_KEYS[kind]
-    if all(value(run_data, k) == value(data, k) for k in keys):
-        same = ", ".join(f"data.{k}={data.get(k)}" for k in keys)
-        raise UserError(f"data={kind} with {same} is the dataset the run was trained and tested on, so its scores "
-                        f"would not be external: name other data (e.g. data=csv data.csv=OTHER.csv"
-                        + (", or another data.seed" if kind == "synthetic" else "") + ")")
+    if same_images(run_data, data):
+        entry = dataset(data)
+        same = ", ".join(f"data.{k}={data.get(k)}" for k in entry.source_keys)
+        raise UserError(f"data={data.kind} with {same} is the dataset the run was trained and tested on, so its "
+                        "scores would not be external: name other data (e.g. data=csv data.csv=OTHER.csv, or "
+                        "other settings of the same kind)")
 
 
 def plain(data: DictConfig) -> dict[str, Any]:
@@ -208,11 +196,9 @@ def check_replace(out_dir: Path, data: dict[str, Any], split: str, force: bool,
         return
     again = "choose another --name, or pass --force to replace it"
     try:
-        stored = json.loads((out_dir / EXTERNAL_MARK).read_text())
+        stored = json.loads((out_dir / rf.EXTERNAL_MARK).read_text())
     except (OSError, ValueError):
-        raise UserError(f"{out_dir} holds files but no readable {EXTERNAL_MARK}: {again}") from None
-    from .config import differences
-
+        raise UserError(f"{out_dir} holds files but no readable {rf.EXTERNAL_MARK}: {again}") from None
     diff = differences(_flat(stored.get("data")), _flat(data))
     if stored.get("split") != split:
         diff.append(f"--split: {stored.get('split')} -> {split}")
@@ -245,10 +231,6 @@ class Planned:
 def evaluate_run(run, bundle, plan: Planned, *, name: str, split: str, device: torch.device,
                  argv: list[str]) -> tuple[dict[str, Any], Path, list[str]]:
     """Score one run on the external data, write RUN_DIR/external/<name>/; (results row, folder, notes)."""
-    from .finished import infer
-    from .metrics import SingleClassWarning, score
-    from .predictions import PREDICTIONS_FILE, SplitPredictions, write as write_predictions
-
     if bundle.label_names != plan.data_labels:
         raise RuntimeError(f"dataset gave labels {bundle.label_names}, its config promised {plan.data_labels}")
     parts = scored_parts(bundle, split)
@@ -301,63 +283,29 @@ def evaluate_run(run, bundle, plan: Planned, *, name: str, split: str, device: t
     out = Path(run.path) / EXTERNAL_DIR / name
     # The mark first: a folder holding a results.csv without it would look like a run to rtl report; an old
     # results.csv goes before anything else is replaced, so results.csv is never older than its neighbours.
-    (out / RESULTS_FILE).unlink(missing_ok=True)
-    atomic_io.write_json(record, out / EXTERNAL_MARK)
+    (out / rf.RESULTS).unlink(missing_ok=True)
+    atomic_io.write_json(record, out / rf.EXTERNAL_MARK)
     kept = SplitPredictions(ids, patients, labels, mask, probs.astype(np.float32))
-    write_predictions(out / PREDICTIONS_FILE, {SPLIT_NAME: kept}, plan.match.model)
-    atomic_io.write_csv(pd.DataFrame([row]), out / RESULTS_FILE)
+    write_predictions(out / rf.PREDICTIONS, {SPLIT_NAME: kept}, plan.match.model)
+    atomic_io.write_csv(pd.DataFrame([row]), out / rf.RESULTS)
     return row, out, notes
 
 
 def runs_below(root: str) -> list[Path]:
     """The finished runs to evaluate; the reason when there are none (an unfinished run, an empty folder)."""
-    from .finished import finished_below, load_run
-
     path = Path(root)
     runs = finished_below(path)
     if runs:
         return runs
-    if any((path / f).exists() for f in (RESULTS_FILE, "identity.json", "best.pt", "config.yaml")):
+    if any((path / f).exists() for f in (rf.RESULTS, rf.IDENTITY, rf.BEST, rf.CONFIG)):
         load_run(path)  # raises what is wrong with this run
-    raise UserError(f"no finished rtl train run (results.csv and best.pt) at or below {root}")
+    raise UserError(f"no finished rtl train run ({rf.RESULTS} and {rf.BEST}) at or below {root}")
 
 
-def main(argv: list[str]) -> None:
-    from .data import build_data, dataset_labels
-    from .finished import load_run
-    from .predict import pick_device
-
-    parser = argparse.ArgumentParser(
-        prog="rtl evaluate", description="External validation: score a finished run's best checkpoint (or every "
-        "finished run below a sweep folder) on another dataset, chosen with data overrides, e.g. rtl evaluate RUN "
-        "data=csv data.csv=other.csv --map opacity=Opacity. Writes RUN/external/<name>/.")
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run, or a sweep folder")
-    parser.add_argument("overrides", nargs="*", metavar="OVERRIDES",
-                        help="the external data: data=... and data.KEY=... overrides")
-    parser.add_argument("--map", action="append", default=[], metavar="MODEL_LABEL=DATA_LABEL",
-                        help="score the model's label against a differently named label of the data (repeatable)")
-    parser.add_argument("--name", help="RUN_DIR/external/<name>/ (default: the external data.name)")
-    parser.add_argument("--split", choices=("all", "test"), default="all",
-                        help="all: every image of the external dataset (default); test: its test split only")
-    parser.add_argument("--force", action="store_true",
-                        help="replace an evaluation of the same --name on other data")
-    parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
-    args = parser.parse_intermixed_args(argv)
-
-    if args.name is not None:
-        check_name(args.name)
-    mapping = parse_map(args.map)
-    given = parse_overrides(args.overrides)
-    device = pick_device(args.device)
-    paths = runs_below(args.run_dir)
-    if not args.overrides:
-        raise UserError("rtl evaluate needs the external data: give data overrides, e.g. rtl evaluate RUN_DIR data=csv "
-                        "data.csv=/data/other_hospital.csv")
-    base = compose_data(args.overrides)
-    name = check_name(args.name if args.name is not None else str(base.name))
-
-    # Everything is checked for every run before any is evaluated: a bad --map or a name taken by other data
-    # stops a sweep before its first image is decoded.
+def plan_evaluations(paths: list[Path], base: DictConfig, given: set[str], mapping: dict[str, str], name: str,
+                     split: str, force: bool) -> list[Planned]:
+    """Every run's evaluation, checked before any is made: a bad --map or a name taken by other data stops a
+    sweep before its first image is decoded."""
     plans: list[Planned] = []
     channels_of: dict[str, Optional[int]] = {}
     labels_of: dict[str, list[str]] = {}  # the external labels per data config, read from its tables only
@@ -369,28 +317,43 @@ def main(argv: list[str]) -> None:
         if key not in labels_of:
             labels_of[key] = dataset_labels(data)
         match = match_labels(run.labels, labels_of[key], mapping, name)
-        check_replace(path / EXTERNAL_DIR / name, plain(data), args.split, args.force,
-                      dict(zip(match.model, match.data)))
+        check_replace(path / EXTERNAL_DIR / name, plain(data), split, force, dict(zip(match.model, match.data)))
         plans.append(Planned(path, data, key, labels_of[key], match, notes))
-    skipped = [p for p in run_dirs(Path(args.run_dir)) if (p / RESULTS_FILE).is_file() and p not in paths]
-    if skipped:
-        print(f"skipped {len(skipped)} finished run(s) without best.pt: {', '.join(map(str, skipped[:3]))}"
-              + (", ..." if len(skipped) > 3 else ""), file=sys.stderr)
+    return plans
 
+
+def evaluate_runs(run_dir: str, overrides: list[str], *, label_map: list[str], name: Optional[str] = None,
+                  split: str = "all", force: bool = False, device: str = "auto", argv: list[str]) -> None:
+    """``rtl evaluate``: every finished run at or below ``run_dir`` scored on the data ``overrides`` give;
+    ``argv`` is the command line, recorded in each external.json."""
+    if name is not None:
+        check_name(name)
+    mapping = parse_map(label_map)
+    given = parse_overrides(overrides)
+    where = pick_device(device)
+    paths = runs_below(run_dir)
+    if not overrides:
+        raise UserError("rtl evaluate needs the external data: give data overrides, e.g. rtl evaluate RUN_DIR data=csv "
+                        "data.csv=/data/other_hospital.csv")
+    base = compose_data(overrides)
+    name = check_name(name if name is not None else str(base.name))
+    plans = plan_evaluations(paths, base, given, mapping, name, split, force)
+    skipped = [p for p in run_dirs(Path(run_dir)) if (p / rf.RESULTS).is_file() and p not in paths]
+    if skipped:
+        print(f"skipped {len(skipped)} finished run(s) without {rf.BEST}: {', '.join(map(str, skipped[:3]))}"
+              + (", ..." if len(skipped) > 3 else ""), file=sys.stderr)
     said: set[str] = set()
-    order = list(dict.fromkeys(p.key for p in plans))  # one dataset at a time, freed when done
-    for key in order:
+    for key in dict.fromkeys(p.key for p in plans):  # one dataset at a time, freed when done
         group = [p for p in plans if p.key == key]
         bundle = build_data(group[0].data)
         for plan in group:
-            run = load_run(plan.path)
-            row, out, notes = evaluate_run(run, bundle, plan, name=name, split=args.split, device=device,
+            row, out, notes = evaluate_run(load_run(plan.path), bundle, plan, name=name, split=split, device=where,
                                            argv=argv)
             for line in [plan.match.describe(name), *notes]:
                 if line not in said:
                     said.add(line)
                     print(line)
-            print(f"{plan.path}: {name} ({args.split}, {row['n_test']} images) AUROC {row['test_auroc']:.4f} "
+            print(f"{plan.path}: {name} ({split}, {row['n_test']} images) AUROC {row['test_auroc']:.4f} "
                   f"AUPRC {row['test_auprc']:.4f} -> {out}")
         del bundle
     if len(plans) > 1:

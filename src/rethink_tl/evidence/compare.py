@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import UserError
-from .metrics import SingleClassWarning, score
+from ..errors import DamagedFile, UserError
+from ..metrics import SingleClassWarning, score
 from .predictions import PREDICTIONS_FILE, read as read_predictions
 from .stats import LEVEL, STAT_METRICS, Scored, Holdout, TooFewImages, bootstrap, delong
 
@@ -207,7 +207,7 @@ def evidence(summary: pd.DataFrame, runs: pd.DataFrame, root: Path, asked: list[
             sides[i] = _side(loader, row, runs)
         except UserError as err:
             ev.notes.append(f"{describe(row)} ({row['dataset']} f{row['fraction']:g}): no interval: {err}")
-            if isinstance(err, BadPredictions) or "damaged" in str(err):
+            if isinstance(err, (BadPredictions, DamagedFile)):
                 ev.problems.append(str(err))
     if lacking:
         ev.notes.append(f"{len(lacking)} run(s) have no {PREDICTIONS_FILE} (made before rtl kept per-image predictions), "

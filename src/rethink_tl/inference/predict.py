@@ -18,7 +18,6 @@ they are gone).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -31,10 +30,12 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from . import atomic_io
-from .data.cache import _unreadable
-from .data.images import DECODE_ERRORS, ImageSpec, decode_image, header_channels
-from .errors import UserError
+from .. import atomic_io, runfiles as rf
+from ..config import ImageFilesData
+from ..data import trained_channels
+from ..data.images import DECODE_ERRORS, ImageSpec, decode_image, file_channels, unreadable_reason
+from ..engine import pick_device as pick
+from ..errors import UserError
 from .finished import FinishedRun, finished_below, infer, load_run
 
 CHUNK = 256  # images decoded and inferred at a time: memory stays bounded on large folders
@@ -44,8 +45,6 @@ _SHOW = 5  # bad files named in a message; the rest are counted
 # --- decoding as the run did (shared with rtl evaluate) ------------------------------------------------
 
 def pick_device(name: str) -> torch.device:
-    from .engine import pick_device as pick
-
     try:
         return pick(name)
     except UserError as err:
@@ -54,54 +53,7 @@ def pick_device(name: str) -> torch.device:
 
 def _default(key: str) -> str:
     """The schema's default for an image-file decoding key (one default per key: config.py)."""
-    from .config import ImageFilesData
-
     return str({f.name: f.default for f in dataclasses.fields(ImageFilesData)}[key])
-
-
-def image_reason(path: str) -> int | str:
-    """1 or 3 (the file's channels, from its header), or why the file cannot be used."""
-    if not os.path.exists(path):
-        return "missing"
-    if not os.path.isfile(path):
-        return "not a file"
-    try:
-        return header_channels(path)
-    except DECODE_ERRORS as err:
-        return _unreadable(err)
-
-
-def training_channels(data: DictConfig) -> Optional[int]:
-    """The channels of the images the run trained on: ``data.channels`` when fixed; for ``auto`` what the
-    data cache resolved (3 if any readable image of the dataset is colour, else 1), from the headers of the
-    training images again; 1 for the synthetic data, MedMNIST's own count for MedMNIST. None: ``auto``, and
-    the training images cannot be read any more."""
-    kind = str(data.kind)
-    if "channels" in data:
-        setting = str(data.channels)
-        if setting != "auto":
-            return int(setting)
-        from .data import _lookup
-
-        try:
-            paths = _lookup(data).plan(data).paths
-        except UserError:
-            return None
-        found = None
-        for path in paths:  # stops at the first colour image, as one is enough
-            got = image_reason(path)
-            if got == 3:
-                return 3
-            if got == 1:
-                found = 1
-        return found
-    if kind == "synthetic":
-        return 1
-    if kind == "medmnist":
-        from .data.medmnist import medmnist_info
-
-        return medmnist_info().get(str(data.flag).lower(), {}).get("n_channels")
-    return None
 
 
 def decoding(data: DictConfig, channels: int) -> ImageSpec:
@@ -124,7 +76,7 @@ class ImageList:
 
 
 def list_images(images: str, path_column: Optional[str]) -> ImageList:
-    from .data.imagefolder import EXTENSIONS
+    from ..data.imagefolder import EXTENSIONS
 
     where = Path(images)
     if where.is_dir():
@@ -150,7 +102,7 @@ def list_images(images: str, path_column: Optional[str]) -> ImageList:
         return ImageList([images], [images], f"1 image ({images})")
     if where.suffix.lower() != ".csv":
         raise UserError(f"{images} is neither a folder, a CSV (.csv) nor an image file ({', '.join(EXTENSIONS)})")
-    from .data.tables import read_table, require_columns
+    from ..data.tables import read_table, require_columns
 
     df = read_table(where, "IMAGES")
     column = path_column or "path"
@@ -174,7 +126,7 @@ def choose_channels(run: FinishedRun, colour: bool, given: Optional[int]) -> int
     data = run.cfg.data
     if "channels" in data and str(data.channels) == "auto" and not colour:
         return 1  # grey images: 1 and 3 channels give the model the same input (module docstring)
-    trained = training_channels(data)
+    trained = trained_channels(data)
     if trained is None:
         raise UserError(f"the run trained with data.channels=auto and its training images ({_where_trained(data)}) "
                         "cannot be read to tell whether it decoded them as grey or colour, and some new images are "
@@ -194,7 +146,7 @@ def _where_trained(data: DictConfig) -> str:
 def one_run(run_dir: str) -> FinishedRun:
     """The finished run in ``run_dir``; a sweep folder is refused with the runs it holds."""
     root = Path(run_dir)
-    if root.is_dir() and not (root / "results.csv").exists():
+    if root.is_dir() and not (root / rf.RESULTS).exists():
         below = finished_below(root)
         if below:
             shown = ", ".join(str(p) for p in below[:3]) + (", ..." if len(below) > 3 else "")
@@ -210,7 +162,7 @@ def predict_images(run: FinishedRun, listed: ImageList, *, skip_bad: bool, chann
     rows, probs = [], []
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # file I/O and PIL decoding release the GIL
         # Every header first (cheap): missing and non-image files are all named before any decoding.
-        got = list(pool.map(lambda f: image_reason(f) if f else "missing", listed.files))
+        got = list(pool.map(lambda f: file_channels(f) if f else "missing", listed.files))
         bad = [(listed.shown[i], g) for i, g in enumerate(got) if isinstance(g, str)]
         if bad and not skip_bad:
             raise UserError(f"{len(bad)} of {len(got)} images cannot be used: {_listing(bad)}. Fix or remove them, "
@@ -224,7 +176,7 @@ def predict_images(run: FinishedRun, listed: ImageList, *, skip_bad: bool, chann
             try:
                 return decode_image(listed.files[i], spec)
             except DECODE_ERRORS as err:  # a header that reads but pixels that do not: a truncated file
-                return _unreadable(err)
+                return unreadable_reason(err)
 
         for start in range(0, len(keep), CHUNK):
             part = keep[start:start + CHUNK]
@@ -248,39 +200,33 @@ def predict_images(run: FinishedRun, listed: ImageList, *, skip_bad: bool, chann
     return pd.DataFrame(table), bad
 
 
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="rtl predict", description="A trained model's probabilities for new images: one CSV row per image "
-        "(path, prob_<label> for every label of the model), the images decoded as the run decoded its own.")
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="the folder of one finished rtl train run")
-    parser.add_argument("images", metavar="IMAGES", help="a folder (searched recursively for image files), a CSV "
-                        "with a path column (paths relative to its folder, or absolute), or one image")
-    parser.add_argument("--out", default="predictions.csv", help="the CSV to write (default: predictions.csv here)")
-    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--path-column", metavar="COL", help="IMAGES as a CSV: the column of paths (default: path)")
-    parser.add_argument("--skip-bad", action="store_true", help="leave out missing or unreadable files (listed on "
-                        "stderr) instead of stopping")
-    parser.add_argument("--channels", type=int, choices=(1, 3), help="decode as grey (1) or colour (3): only needed "
-                        "when the run trained with data.channels=auto and its training images are gone")
-    parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
-    args = parser.parse_args(argv)
+def default_out(run_dir: str | os.PathLike, images: str) -> Path:
+    """Where ``rtl predict`` writes without --out: RUN_DIR/predict/<name of IMAGES>.csv."""
+    name = Path(os.path.normpath(images)).name or "images"
+    return Path(run_dir) / "predict" / f"{Path(name).stem if Path(name).suffix else name}.csv"
 
-    out = Path(args.out)
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder: give a file name, e.g. --out {out / 'predictions.csv'}")
-    if out.exists() and not args.force:
-        raise UserError(f"{out} exists: choose another --out, or pass --force to replace it")
-    if not out.parent.is_dir():
-        raise UserError(f"--out {out}: the folder {out.parent} does not exist")
-    device = pick_device(args.device)
-    run = one_run(args.run_dir)
-    listed = list_images(args.images, args.path_column)
+
+def predict_to_file(run_dir: str, images: str, out: Optional[str] = None, *, force: bool = False,
+                    path_column: Optional[str] = None, skip_bad: bool = False, channels: Optional[int] = None,
+                    device: str = "auto") -> None:
+    """``rtl predict``: one row per usable image of IMAGES into ``out`` (default ``default_out``)."""
+    target = Path(out) if out is not None else default_out(run_dir, images)
+    if target.is_dir():
+        raise UserError(f"--out {target} is a folder: give a file name, e.g. --out {target / 'predictions.csv'}")
+    if target.exists() and not force:
+        raise UserError(f"{target} exists: choose another --out, or pass --force to replace it")
+    if out is not None and not target.parent.is_dir():
+        raise UserError(f"--out {target}: the folder {target.parent} does not exist")
+    where = pick_device(device)
+    run = one_run(run_dir)
+    listed = list_images(images, path_column)
     print(f"{run.path}: {listed.note}")
-    table, bad = predict_images(run, listed, skip_bad=args.skip_bad, channels=args.channels, device=device)
-    atomic_io.write_bytes(out, lambda: table.to_csv(index=False, float_format="%.9g").encode())
+    table, bad = predict_images(run, listed, skip_bad=skip_bad, channels=channels, device=where)
+    atomic_io.write_bytes(target, lambda: table.to_csv(index=False, float_format="%.9g").encode(), option="--out")
     if bad:
         print(f"rtl predict: left out {len(bad)} image(s) that cannot be used:", file=sys.stderr)
         for path, why in bad:
             print(f"  {path or '(empty path)'} ({why})", file=sys.stderr)
     labels = ", ".join(run.labels)
-    print(f"wrote {len(table)} rows to {out} (prob_ of {labels})" + (f"; {len(bad)} image(s) left out" if bad else ""))
+    print(f"wrote {len(table)} rows to {target} (prob_ of {labels})"
+          + (f"; {len(bad)} image(s) left out" if bad else ""))

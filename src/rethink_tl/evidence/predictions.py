@@ -23,11 +23,11 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from . import atomic_io
-from .errors import UserError
-from .metrics import Scores, score
+from .. import atomic_io, runfiles as rf
+from ..errors import DamagedFile, UserError
+from ..metrics import Scores, score
 
-PREDICTIONS_FILE = "predictions.csv.gz"
+PREDICTIONS_FILE = rf.PREDICTIONS
 KINDS = ("true", "mask", "prob")
 
 
@@ -109,18 +109,18 @@ def read(path: str | Path) -> Predictions:
             text = fh.read()
         df = pd.read_csv(io.BytesIO(text), dtype={"split": str, "id": str, "patient": str}, keep_default_na=False)
     except (OSError, EOFError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
-        raise UserError(f"{path} is damaged ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): "
+        raise DamagedFile(f"{path} is damaged ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): "
                         "run the run again with runtime.force=true") from None
     labels = [c[len("prob_"):] for c in df.columns if c.startswith("prob_")]
     missing = [c for c in ("split", "id", "patient") if c not in df.columns]
     missing += [f"{k}_{lab}" for lab in labels for k in KINDS if f"{k}_{lab}" not in df.columns]
     if missing or not labels:
-        raise UserError(f"{path} is not an rtl predictions file (missing columns: {', '.join(missing) or 'prob_*'})")
+        raise DamagedFile(f"{path} is not an rtl predictions file (missing columns: {', '.join(missing) or 'prob_*'})")
     for lab in labels:
         for k in KINDS:
             col = pd.to_numeric(df[f"{k}_{lab}"], errors="coerce")
             if col.isna().any():
-                raise UserError(f"{path}: column {k}_{lab} holds values that are not numbers: the file is damaged; "
+                raise DamagedFile(f"{path}: column {k}_{lab} holds values that are not numbers: the file is damaged; "
                                 "run the run again with runtime.force=true")
             df[f"{k}_{lab}"] = col
     return Predictions(path, labels, df)

@@ -1,10 +1,9 @@
 """The results file of a run, and reading a run directory back: the one place that knows the column names.
 
-A finished run directory (``<data>/<model.tag>/<init>/f<fraction>/s<seed>-<setting_id>``) holds
-
-    results.csv     one row: IDENTITY columns, HEADLINE metrics, per-label metrics, then what the run used
-    identity.json   {"setting_id": ..., "settings": {"train.lr": ..., ...}}: every result-affecting setting
-    config.yaml     the resolved config (its ``experiment`` key says which figure the run was made for)
+``results_row`` builds the one row of ``results.csv``: what the run was (its IDENTITY columns), the HEADLINE
+metrics, the other metrics macro and per label, then what the run used (``RunFacts``, whose fields are the
+column names). A finished run directory (runfiles.py) also holds identity.json (every result-affecting
+setting) and config.yaml (the resolved config; its ``experiment`` key says which figure the run was made for).
 
 A run that failed in a sweep holds ``error.txt`` instead of results.csv; one that is still going (or was
 stopped) holds metrics.csv or checkpoints. ``read_run`` turns any of them into a ``Run``, or raises
@@ -13,30 +12,30 @@ stopped) holds metrics.csv or checkpoints. ``read_run`` turns any of them into a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pandas as pd
 import yaml
 
-from .errors import UserError
+from .. import runfiles as rf
+from ..errors import UserError
+from ..metrics import METRICS, Scores
 
-RESULTS_FILE = "results.csv"
-IDENTITY_FILE = "identity.json"
-CONFIG_FILE = "config.yaml"
-ERROR_FILE = "error.txt"
+RESULTS_FILE, IDENTITY_FILE, CONFIG_FILE, ERROR_FILE = rf.RESULTS, rf.IDENTITY, rf.CONFIG, rf.ERROR
 
 # A summary row is one setting of one cell; the cell is what the paper's figures have one bar for.
 GROUP = ["dataset", "model", "init", "strategy", "fraction"]
 CELL = ["dataset", "model", "init", "fraction"]
 IDENTITY = [*GROUP, "seed", "setting_id"]
 SPLITS = ("val", "test")
-# auprc_trapz is a metric of its own (the trapezoid PR area), never a label "trapz" of auprc: label names
-# that would make such columns ambiguous are refused before a run starts (data.base.check_label_names).
-METRICS = ("auroc", "auprc", "auprc_trapz")
+# METRICS (metrics.py): auprc_trapz is a metric of its own (the trapezoid PR area), never a label "trapz" of
+# auprc: label names that would make such columns ambiguous are refused before a run starts
+# (data.base.check_label_names).
 HEADLINE = ["test_auroc", "test_auprc", "val_auroc", "val_auprc"]
 # Runs written before identity.json existed have no setting_id; these columns stand in for it, so that
 # seeds run with another learning rate or image size still end up in separate summary rows.
@@ -50,11 +49,76 @@ NUMERIC = ["fraction", "seed", "params"]
 # A run's files that say it was started, beside the results; a lone config.yaml does not (any folder may have one).
 # (Not Hydra's .hydra/: a command refused before it claimed the folder, or one that was sent to another
 # run's folder, leaves only that behind.)
-STARTED = (RESULTS_FILE, ERROR_FILE, IDENTITY_FILE, "metrics.csv", "last.pt", "best.pt")
+STARTED = rf.TRAIN_STARTED
 # The results columns that the identity settings of a run must agree with.
 # (Not dataset: the synthetic data calls itself "synthetic" whatever data.name says.)
 AGREE = {"model": "model.tag", "init": "init.name", "fraction": "data.fraction",
          "seed": "train.seed"}
+
+
+# --- the results row ---------------------------------------------------------------------------------
+
+@dataclass
+class RunFacts:
+    """What a run was and what it used: every column of results.csv but the metrics, named as the columns.
+    The first block (down to ``epochs``) comes before the metrics, the rest after them."""
+
+    dataset: str
+    model: str  # model.tag
+    init: str
+    strategy: str  # RI, TL, Truncated-TL, Transfusion
+    fraction: float
+    seed: int
+    setting_id: str
+    params: int
+    best_epoch: int
+    epochs_run: int
+    epochs: int  # train.epochs
+    # --- the metrics go here ---
+    n_train: int
+    n_val: int
+    n_test: int
+    split_rule: str
+    subset_seed: Optional[int]  # the seed that drew the training subset; None (an empty cell) at data.fraction=1
+    train_balance: str
+    val_balance: str
+    test_balance: str
+    image_size: int
+    batch_size: int
+    lr: float
+    train_seconds: float
+    images_per_s: float
+    device: str
+    precision: str
+    weights: str
+    weights_sha256: str
+    data_fingerprint: str
+    started: str
+    finished: str
+    git_commit: str
+    rethink_tl: str
+    torch: str
+    torchvision: str
+    timm: str
+    python: str
+
+
+_FACTS = [f.name for f in dataclasses.fields(RunFacts)]
+_BEFORE_METRICS = _FACTS[:_FACTS.index("epochs") + 1]
+
+
+def results_row(facts: RunFacts, val: Scores, test: Scores) -> dict[str, Any]:
+    """The results.csv row: identity, the HEADLINE metrics (val then test, macro), every other val and test
+    metric (macro and per label), then the rest of ``facts``."""
+    known = dataclasses.asdict(facts)
+    row: dict[str, Any] = {k: known.pop(k) for k in _BEFORE_METRICS}
+    macro = {**val.flat("val"), **test.flat("test")}
+    for column in ("val_auroc", "val_auprc", "test_auroc", "test_auprc"):
+        row[column] = macro[column]
+    row.update({k: v for k, v in val.flat("val").items() if k not in row})
+    row.update({k: v for k, v in test.flat("test").items() if k not in row})
+    row.update(known)
+    return row
 
 
 def metric_column(split: str, metric: str, label: str | None = None) -> str:
@@ -107,7 +171,7 @@ class Run:
 
 # ``rtl evaluate`` writes a run's scores on another dataset into <run>/external/<name>/ (results.csv and
 # predictions, marked by this file): results of a run, not runs of their own.
-EXTERNAL_MARK = "external.json"
+EXTERNAL_MARK = rf.EXTERNAL_MARK
 
 
 def run_dirs(root: Path) -> list[Path]:

@@ -28,10 +28,9 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve  # noqa: E402
 
-from .atomic_io import write_bytes, write_csv  # noqa: E402
-from .errors import UserError  # noqa: E402
-from .metrics import TOY_POSITIVE_RANKS, toy_classifiers  # noqa: E402
-from .report import DEFAULT_METRICS, METRIC_NAMES  # noqa: E402  (rows of panels; rtl report --metric)
+from ..atomic_io import write_bytes, write_csv  # noqa: E402
+from ..errors import UserError  # noqa: E402
+from ..metrics import DEFAULT_METRICS, METRIC_NAMES, TOY_POSITIVE_RANKS, toy_classifiers  # noqa: E402
 from .results import CELL, label_names, metric_column  # noqa: E402
 
 INIT_LABEL = {"random": "RI", "pretrained": "TL"}

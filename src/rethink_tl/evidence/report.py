@@ -25,25 +25,23 @@ with a message naming them; the tables, which show every setting, are written al
 
 from __future__ import annotations
 
-import importlib.resources
-import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import OmegaConf
 
-from .atomic_io import write_bytes, write_csv
-from .errors import UserError
-from .results import (CELL, EXTERNAL_MARK, GROUP, PROVENANCE, RESULTS_FILE, SAME_WITHIN_GROUP, BrokenRun, Run,
-                      is_metric, label_names, read_run, run_dirs)
+from .. import runfiles as rf
+from ..atomic_io import write_bytes, write_csv
+from ..errors import UserError
+from ..metrics import DEFAULT_METRICS, METRIC_NAMES
+from .designs import Design, design
+from .results import (CELL, ERROR_FILE, EXTERNAL_MARK, GROUP, PROVENANCE, RESULTS_FILE, SAME_WITHIN_GROUP,
+                      BrokenRun, Run, is_metric, label_names, read_run, run_dirs)
 from .stats import MAX_RESAMPLES, RESAMPLES, SEED
 
-# The metrics' names in tables and figures; the first two are what tables and figures show by default.
-METRIC_NAMES = {"auroc": "AUROC", "auprc": "AUPRC", "auprc_trapz": "AUPRC (trapezoid)"}
-DEFAULT_METRICS = ("auroc", "auprc")
+SUMMARY_FILE, SUMMARY_MD, COMPARISONS_FILE, EXTERNAL_TABLE = rf.SUMMARY, rf.SUMMARY_MD, rf.COMPARISONS, rf.EXTERNAL_TABLE
 SHOW = 10  # problem runs named on the terminal; summary.md names them all
 # Old results columns -> the identity key they stand for, so old and new runs label alike.
 LEGACY_KEYS = {"epochs": "train.epochs", "image_size": "data.image_size", "lr": "train.lr",
@@ -256,66 +254,6 @@ def markdown_per_label(summary: pd.DataFrame, metric: str) -> str:
     return "\n".join(lines)
 
 
-# --- experiment designs --------------------------------------------------------------------------
-
-@dataclass
-class Design:
-    """The sweep axes of a paper experiment (conf/experiment/<figure>.yaml, hydra.sweeper.params)."""
-
-    figure: str
-    models: list[str]  # model tags, as results.csv names them, in the experiment's order
-    inits: list[str]
-    fractions: list[float]
-
-    def contains(self, model, init, fraction) -> bool:
-        return (model in self.models and init in self.inits and fraction is not None
-                and bool(np.isclose(self.fractions, float(fraction)).any()))
-
-    def cells(self) -> list[tuple[str, str, float]]:
-        return list(itertools.product(self.models, self.inits, self.fractions))
-
-
-def _conf_dir():
-    return importlib.resources.files("rethink_tl.conf")
-
-
-def experiments() -> list[str]:
-    return sorted(p.name.removesuffix(".yaml") for p in _conf_dir().joinpath("experiment").iterdir()
-                  if p.name.endswith(".yaml"))
-
-
-def sweep_values(key: str, value) -> list[str]:
-    """The values of one sweeper param as Hydra's sweeper would expand them (lists, ranges, choice)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    override = OverridesParser.create().parse_overrides([f"{key}={value}"])[0]
-    if override.is_sweep_override():
-        return list(override.sweep_string_iterator())
-    return [override.get_value_element_as_str()]
-
-
-def _model_tag(name: str) -> str:
-    """The tag results.csv records for ``model=name`` (aliases such as densenet121 record dens_f)."""
-    path = _conf_dir().joinpath("model", f"{name}.yaml")
-    if not path.is_file():
-        return name
-    cfg = OmegaConf.create(path.read_text())
-    return str(cfg.get("tag", name))
-
-
-def design(figure: str) -> Design:
-    path = _conf_dir().joinpath("experiment", f"{figure}.yaml")
-    if not path.is_file():
-        raise UserError(f"no experiment {figure!r}: choose one of {', '.join(experiments())}")
-    params = OmegaConf.select(OmegaConf.create(path.read_text()), "hydra.sweeper.params") or {}
-    missing = [k for k in ("model", "init", "data.fraction") if k not in params]
-    if missing:
-        raise RuntimeError(f"{path} names no sweep values for {', '.join(missing)} under hydra.sweeper.params")
-    return Design(figure, [_model_tag(m) for m in sweep_values("model", params["model"])],
-                  sweep_values("init", params["init"]),
-                  [float(f) for f in sweep_values("data.fraction", params["data.fraction"])])
-
-
 def _which_figure(runs: pd.DataFrame) -> tuple[str | None, str]:
     """The figure every run was made for (their ``experiment`` key), or None and why not."""
     marks = sorted(set(runs["experiment"].dropna().astype(str)))
@@ -336,10 +274,67 @@ def _which_figure(runs: pd.DataFrame) -> tuple[str | None, str]:
 
 @dataclass
 class Report:
-    """What ``report`` printed, and why it is incomplete (the CLI exits 2 when ``problems`` is not empty)."""
+    """What ``report`` printed; what could not be trusted (``problems``: the CLI exits 2) and which runs of the
+    tree are not in the tables yet (``incomplete``, unfinished or failed runs: exit 3)."""
 
     text: str
     problems: list[str] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ReportOptions:
+    """What ``rtl report`` was asked for (its flags; cli.py parses them)."""
+
+    figure: str | None = None  # figN; None: the experiment the runs were made for, if any
+    out: str | Path | None = None  # where the tables and figure go; None: the report's root
+    note: str = ""  # a line under the figure's title
+    metrics: tuple[str, ...] = DEFAULT_METRICS  # the tables' columns and the figure's rows of panels
+    compare: list[tuple[str, str]] = field(default_factory=list)  # --compare A B pairs (compare.py)
+    resamples: int = RESAMPLES  # bootstrap resamples; 0: no intervals, no comparisons
+    seed: int = SEED
+
+    def check(self) -> None:
+        self.metrics, self.compare = tuple(self.metrics), [tuple(pair) for pair in self.compare]
+        if self.resamples < 0 or (0 < self.resamples < 100) or self.resamples > MAX_RESAMPLES:
+            raise UserError(f"--resamples {self.resamples}: use 0 (no intervals) or 100 to {MAX_RESAMPLES:,} "
+                            f"({RESAMPLES} is the default)")
+        if self.seed < 0:
+            raise UserError(f"--seed {self.seed}: use a whole number of 0 or more")
+        if self.compare and not self.resamples:
+            raise UserError("--compare needs bootstrap resamples: drop --resamples 0")
+        metrics = self.metrics
+        unknown = [m for m in metrics if m not in METRIC_NAMES]
+        if unknown or not metrics or len(set(metrics)) != len(metrics):
+            what = ("an empty item" if "" in unknown else f"{','.join(repr(m) for m in unknown)} unknown" if unknown
+                    else "nothing chosen" if not metrics else "a metric named twice")
+            raise UserError(f"--metric {','.join(metrics)}: {what}; choose one or more of "
+                            f"{', '.join(METRIC_NAMES)}, comma-separated")
+        if self.figure == "fig2" and metrics != DEFAULT_METRICS:
+            raise UserError("--metric does not apply to fig2: the toy example shows AUROC and average precision, "
+                            "as the paper's Fig. 2")
+
+
+@dataclass
+class Notes:
+    """What the report says below its tables, as (head, items): summary.md lists every item, the terminal the
+    first SHOW; and the problems that make ``rtl report`` exit 2."""
+
+    lines: list[tuple[str, list[str]]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def add(self, head: str, items: list[str] | None = None) -> None:
+        self.lines.append((head, list(items or [])))
+
+    def markdown(self) -> str:
+        return "\n\n".join(h + ", ".join(items) for h, items in self.lines)
+
+    def terminal(self) -> str:
+        def short(items: list[str]) -> str:
+            more = len(items) - SHOW
+            return ", ".join(items[:SHOW]) + (f" and {more} more (all in summary.md)" if more > 0 else "")
+
+        return "\n".join(h + short(items) for h, items in self.lines)
 
 
 def _toy(out: Path, note: str) -> Report:
@@ -357,50 +352,67 @@ def _broken_items(broken: list[BrokenRun], root: Path) -> list[str]:
     return [f"{_rel(b.path, root)} ({b.reason})" for b in broken]
 
 
-def report(root: str | Path, figure: str | None = None, out: str | Path | None = None, note: str = "",
-           metrics: tuple[str, ...] = DEFAULT_METRICS, compare: list[tuple[str, str]] | None = None,
-           resamples: int = RESAMPLES, seed: int = SEED) -> Report:
-    """Write summary.csv, summary.md, comparisons.csv and (for a paper experiment) the figure into ``out``
-    (default ``root``); return the text to print and what was left out. ``metrics`` are the columns of the
-    tables and the rows of panels of the figure (summary.csv has every metric the runs recorded).
-    ``resamples`` bootstrap resamples (0: no intervals, no comparisons) drawn from ``seed``; ``compare`` adds
-    comparisons of MODEL/INIT pairs to the paper's (compare.py)."""
-    metrics = tuple(metrics)
-    compare = [tuple(pair) for pair in (compare or [])]
-    if resamples < 0 or (0 < resamples < 100) or resamples > MAX_RESAMPLES:
-        raise UserError(f"--resamples {resamples}: use 0 (no intervals) or 100 to {MAX_RESAMPLES:,} (2000 is the "
-                        "default)")
-    if seed < 0:
-        raise UserError(f"--seed {seed}: use a whole number of 0 or more")
-    if compare and not resamples:
-        raise UserError("--compare needs bootstrap resamples: drop --resamples 0")
-    unknown = [m for m in metrics if m not in METRIC_NAMES]
-    if unknown or not metrics or len(set(metrics)) != len(metrics):
-        what = ("an empty item" if "" in unknown else f"{','.join(repr(m) for m in unknown)} unknown" if unknown else
-                "nothing chosen" if not metrics else "a metric named twice")
-        raise UserError(f"--metric {','.join(metrics)}: {what}; choose one or more of {', '.join(METRIC_NAMES)}, "
-                        "comma-separated")
+def report(root: str | Path, options: ReportOptions | None = None, **asked) -> Report:
+    """Write summary.csv, summary.md, comparisons.csv, external.csv and (for a paper experiment) the figure into
+    ``options.out`` (default ``root``); return the text to print and what was left out. ``asked``: the fields
+    of ReportOptions, for callers without one."""
+    o = options if options is not None else ReportOptions(**asked)
+    o.check()
     root = Path(root)
-    out = Path(out) if out is not None else root
-    if figure == "fig2":
-        if metrics != DEFAULT_METRICS:
-            raise UserError("--metric does not apply to fig2: the toy example shows AUROC and average precision, "
-                            "as the paper's Fig. 2")
-        return _toy(out, note)
+    out = Path(o.out) if o.out is not None else root
+    if o.figure == "fig2":
+        return _toy(out, o.note)
+    notes = Notes()
+    chosen = select(root, o.figure, notes)
+    runs, duplicates = drop_duplicate_seeds(chosen.runs)
+    lacking = lacking_metric(runs, o.metrics)
+    summary = summarise(runs, chosen.settings)
+    ev = _evidence(summary, runs, root, o)
+    summary = summary if ev is None else ev.summary
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(summary.drop(columns="run_dirs"), out / SUMMARY_FILE)
+    tables = _tables(summary, o.metrics)
+    ext_ev = _external(root, runs, summary, o, out, tables, notes)
+    _comparisons(ev, ext_ev, o, out, tables, notes)
+    _run_notes(notes, chosen, runs, summary, duplicates, lacking, root, o.metrics)
+    if chosen.plan is not None:
+        _figure(chosen, summary, lacking, ev, out, o, notes)
+    write_bytes(out / SUMMARY_MD, ("\n".join(tables) + "\n\n" + notes.markdown() + "\n").encode())
+    incomplete = [f"{len(x)} {what} run(s) ({', '.join(_rel(u.path, root) for u in x[:3])}"
+                  + (", ..." if len(x) > 3 else "") + ")"
+                  for x, what in ((chosen.unfinished, "unfinished"), (chosen.failed, "failed")) if x]
+    return Report("\n".join(tables) + "\n\n" + notes.terminal(), notes.problems, incomplete)
 
+
+@dataclass
+class Selection:
+    """The runs a report is about: those of the figure's design (all, without a figure), sorted by state."""
+
+    runs: pd.DataFrame
+    settings: dict[str, dict | None]
+    unfinished: list[Run]
+    failed: list[Run]
+    broken: list[BrokenRun]
+    figure: str | None
+    plan: Design | None
+
+
+def select(root: Path, figure: str | None, notes: Notes) -> Selection:
+    """Gather the runs below ``root`` and keep those of the figure's design (the figure asked for, else the one
+    the runs were made for); UserError when none is finished."""
     found = gather(root)
     runs, unfinished, failed, broken = found.runs, found.unfinished, found.failed, found.broken
-    notes: list[tuple[str, list[str]]] = []  # (head, items): summary.md lists every item, the terminal SHOW
     if figure is None and not runs.empty:
         figure, why_not = _which_figure(runs)
-        notes += [(why_not, [])] if why_not else []
+        if why_not:
+            notes.add(why_not)
     plan = design(figure) if figure else None
     if plan is not None:
         if not runs.empty:
             keep = np.array([plan.contains(m, i, f) for m, i, f in zip(runs["model"], runs["init"], runs["fraction"])])
             if not keep.all():
-                notes.append((f"{int((~keep).sum())} finished runs below {root} are outside {figure}'s design "
-                              f"(models x inits x fractions of conf/experiment/{figure}.yaml) and left out", []))
+                notes.add(f"{int((~keep).sum())} finished runs below {root} are outside {figure}'s design "
+                          f"(models x inits x fractions of conf/experiment/{figure}.yaml) and left out")
             runs = runs[keep]
         # A run of another figure's design is not this report's business; one whose setting cannot be
         # told (its config is the damaged file) might be this figure's, so it is named.
@@ -414,117 +426,132 @@ def report(root: str | Path, figure: str | None = None, out: str | Path | None =
         axes = (f": models {', '.join(plan.models)}; inits {', '.join(plan.inits)}; fractions "
                 f"{', '.join(f'{f:g}' for f in plan.fractions)}") if plan is not None else ""
         why = f"; broken: {'; '.join(_broken_items(broken, root)[:SHOW])}" if broken else ""
-        raise UserError(f"no finished run {where}(results.csv) below {root}{axes}"
+        raise UserError(f"no finished run {where}({RESULTS_FILE}) below {root}{axes}"
                         + (f"; {', '.join(counts)}" if counts else "") + why)
     if plan is not None:
         datasets = sorted(runs["dataset"].astype(str).unique())
         if len(datasets) > 1:
             raise UserError(f"{figure} draws one dataset but {root} holds runs of {', '.join(datasets)}: "
                             f"point rtl report at {root}/<dataset>")
+    return Selection(runs, found.settings, unfinished, failed, broken, figure, plan)
 
-    runs, duplicates = drop_duplicate_seeds(runs)
-    lacking = lacking_metric(runs, metrics)
-    summary = summarise(runs, found.settings)
-    ev = None
-    if resamples:
-        from .compare import check_asked, evidence
 
-        check_asked(summary, compare)
-        ev = evidence(summary, runs, root, compare, resamples, seed)
-        summary = ev.summary
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(summary.drop(columns="run_dirs"), out / "summary.csv")
+def _evidence(summary: pd.DataFrame, runs: pd.DataFrame, root: Path, o: ReportOptions):
+    """Intervals of every row and the comparisons (compare.py), or None without resamples."""
+    if not o.resamples:
+        return None
+    from .compare import check_asked, evidence
 
+    check_asked(summary, o.compare)
+    return evidence(summary, runs, root, o.compare, o.resamples, o.seed)
+
+
+def _tables(summary: pd.DataFrame, metrics: tuple[str, ...]) -> list[str]:
     tables = [markdown(summary, metrics)]
     if len(label_names(summary.columns, "_mean")) > 1:
         for metric in metrics:
             tables.append(f"\ntest {METRIC_NAMES[metric]} per label (mean ± sd over seeds)\n\n"
                           + markdown_per_label(summary, metric))
+    return tables
 
-    problems = []
-    if ev is None:
-        (out / "comparisons.csv").unlink(missing_ok=True)  # --resamples 0: an earlier report's would mislead
+
+def _external(root: Path, runs: pd.DataFrame, summary: pd.DataFrame, o: ReportOptions, out: Path,
+              tables: list[str], notes: Notes):
+    """The external-validation table (rtl evaluate's results of these runs) and its evidence, or None."""
     external, external_rows, ext_notes = external_results(root, runs, summary)
     ext_ev = None
     if not external.empty:
-        if resamples:
+        if o.resamples:
             from .compare import evidence
 
-            ext_ev = evidence(external, external_rows, root, compare, resamples, seed, split="external")
+            ext_ev = evidence(external, external_rows, root, o.compare, o.resamples, o.seed, split="external")
             external = ext_ev.summary
-        write_csv(external.drop(columns="run_dirs"), out / "external.csv")
+        write_csv(external.drop(columns="run_dirs"), out / EXTERNAL_TABLE)
         tables.append("\nexternal validation (rtl evaluate: each run's best checkpoint scored on another dataset; "
-                      "also in external.csv)\n\n" + markdown_external(external))
+                      f"also in {EXTERNAL_TABLE})\n\n" + markdown_external(external))
     else:
-        (out / "external.csv").unlink(missing_ok=True)  # from an earlier report: no longer true
-    notes += [(f"WARNING: {n}", []) for n in ext_notes]
-    problems += [f"external results {n}" for n in ext_notes]
-    if ev is not None:
-        from .compare import COLUMNS, markdown as comparisons_markdown, method_note
+        (out / EXTERNAL_TABLE).unlink(missing_ok=True)  # from an earlier report: no longer true
+    for n in ext_notes:
+        notes.add(f"WARNING: {n}")
+        notes.problems.append(f"external results {n}")
+    return ext_ev
 
-        both = [e.comparisons for e in (ev, ext_ev) if e is not None and not e.comparisons.empty]
-        comparisons = pd.concat(both, ignore_index=True) if both else pd.DataFrame(columns=COLUMNS)
-        write_csv(comparisons, out / "comparisons.csv")
-        if not comparisons.empty:
-            tables.append("\ncomparisons (paired, over the test images; also in comparisons.csv)\n\n"
-                          + comparisons_markdown(comparisons))
-        tables.append("\n" + method_note(resamples, seed, ev.unit))
-        for e in (ev, ext_ev):
-            if e is not None:
-                notes += [(n, []) for n in e.notes]
-                problems += e.problems
-    names = [_rel(u.path, root) for u in unfinished]
+
+def _comparisons(ev, ext_ev, o: ReportOptions, out: Path, tables: list[str], notes: Notes) -> None:
+    """comparisons.csv and its table (none without resamples: an earlier report's file would mislead)."""
+    if ev is None:
+        (out / COMPARISONS_FILE).unlink(missing_ok=True)
+        return
+    from .compare import COLUMNS, markdown as comparisons_markdown, method_note
+
+    both = [e.comparisons for e in (ev, ext_ev) if e is not None and not e.comparisons.empty]
+    comparisons = pd.concat(both, ignore_index=True) if both else pd.DataFrame(columns=COLUMNS)
+    write_csv(comparisons, out / COMPARISONS_FILE)
+    if not comparisons.empty:
+        tables.append(f"\ncomparisons (paired, over the test images; also in {COMPARISONS_FILE})\n\n"
+                      + comparisons_markdown(comparisons))
+    tables.append("\n" + method_note(o.resamples, o.seed, ev.unit))
+    for e in (ev, ext_ev):
+        if e is not None:
+            for n in e.notes:
+                notes.add(n)
+            notes.problems += e.problems
+
+
+def _run_notes(notes: Notes, chosen: Selection, runs: pd.DataFrame, summary: pd.DataFrame, duplicates: list[str],
+               lacking: list[str], root: Path, metrics: tuple[str, ...]) -> None:
+    """What the tables hold and what they leave out: finished, broken, lacking a metric, failed, counted twice."""
+    names = [_rel(u.path, root) for u in chosen.unfinished]
     done = f"{len(runs)} finished runs in {len(summary)} settings"
-    notes.insert(0, (done + (f"; {len(names)} unfinished (no results.csv): " if names else ""), names))
+    notes.lines.insert(0, (done + (f"; {len(names)} unfinished (no {RESULTS_FILE}): " if names else ""), names))
+    broken = chosen.broken
     if broken:
-        head = f"WARNING: {len(broken)} run director{'y' if len(broken) == 1 else 'ies'} left out, their files broken: "
-        notes.insert(0, (head, _broken_items(broken, root)))
+        what = f"{len(broken)} run director{'y' if len(broken) == 1 else 'ies'}"
+        notes.lines.insert(0, (f"WARNING: {what} left out, their files broken: ", _broken_items(broken, root)))
         shown = ", ".join(_rel(b.path, root) for b in broken[:SHOW]) + (", ..." if len(broken) > SHOW else "")
-        problems.append(f"{len(broken)} run director{'y' if len(broken) == 1 else 'ies'} below {root} left out of "
-                        f"the report as broken (named above and in summary.md): {shown}")
+        notes.problems.append(f"{what} below {root} left out of the report as broken (named above and in summary.md): "
+                              f"{shown}")
     if lacking:
-        head = f"WARNING: {len(lacking)} finished run(s) have no test {'/'.join(metrics)} (shown as -): "
-        notes.append((head, lacking))
-        problems.append(f"{len(lacking)} finished run(s) below {root} have no test {' or '.join(metrics)}, so their "
-                        f"settings show no value (named in summary.md): {', '.join(lacking[:3])}"
-                        + (", ..." if len(lacking) > 3 else "") + "; runs made before rtl recorded auprc_trapz lack it: "
-                        "run them again with runtime.force=true, or choose another --metric")
-    if failed:
-        notes.append((f"{len(failed)} failed (error.txt): ", [f"{_rel(u.path, root)}: {u.error}" for u in failed]))
+        notes.add(f"WARNING: {len(lacking)} finished run(s) have no test {'/'.join(metrics)} (shown as -): ", lacking)
+        notes.problems.append(
+            f"{len(lacking)} finished run(s) below {root} have no test {' or '.join(metrics)}, so their settings show "
+            f"no value (named in summary.md): {', '.join(lacking[:3])}" + (", ..." if len(lacking) > 3 else "")
+            + "; runs made before rtl recorded auprc_trapz lack it: run them again with runtime.force=true, or choose "
+            "another --metric")
+    if chosen.failed:
+        notes.add(f"{len(chosen.failed)} failed ({ERROR_FILE}): ",
+                  [f"{_rel(u.path, root)}: {u.error}" for u in chosen.failed])
     if duplicates:
-        notes.append((f"WARNING: {len(duplicates)} seed(s) found twice in one setting, each counted once: ",
-                      duplicates))
+        notes.add(f"WARNING: {len(duplicates)} seed(s) found twice in one setting, each counted once: ", duplicates)
     varying = settings_varying(summary)
     if varying:
-        notes.append((f"rows differ in settings beyond model, init and fraction: {', '.join(varying)} "
-                      "(the settings column says which row has which)", []))
-    if plan is not None:
-        have = {(m, i, round(f, 6)) for m, i, f in zip(summary["model"], summary["init"], summary["fraction"])}
-        absent = [f"{m}/{i}/f{f:g}" for m, i, f in plan.cells() if (m, i, round(f, 6)) not in have]
-        notes.append((f"{figure} design: {len(plan.cells())} settings, {len(plan.cells()) - len(absent)} "
-                      f"with finished runs" + ("; none yet for " if absent else ""), absent))
-        if lacking:  # bars over fewer seeds than the subtitle states would misreport: named above instead
-            notes.append((f"WARNING: {figure} not drawn: settings without a value for every seed", []))
-        fig_note = "; ".join(x for x in (note.rstrip(". "), f"bars differ in {', '.join(varying)}" if varying else "") if x)
-        try:
-            if lacking:
-                raise SkipFigure
-            paths = draw_figure(figure, summary, out, plan.models, fig_note, metrics,
-                                None if ev is None else ev.comparisons)
-            notes.append(("figure: " + ", ".join(str(p) for p in paths), []))
-        except SkipFigure:
-            pass
-        except UserError as err:
-            notes.append((f"WARNING: {figure} not drawn: {err}", []))
-            problems.append(f"{figure} not drawn (the tables are written): {err}")
+        notes.add(f"rows differ in settings beyond model, init and fraction: {', '.join(varying)} "
+                  "(the settings column says which row has which)")
 
-    def short(items: list[str]) -> str:
-        more = len(items) - SHOW
-        return ", ".join(items[:SHOW]) + (f" and {more} more (all in summary.md)" if more > 0 else "")
 
-    write_bytes(out / "summary.md", ("\n".join(tables) + "\n\n"
-                                     + "\n\n".join(h + ", ".join(items) for h, items in notes) + "\n").encode())
-    return Report("\n".join(tables) + "\n\n" + "\n".join(h + short(items) for h, items in notes), problems)
+def _figure(chosen: Selection, summary: pd.DataFrame, lacking: list[str], ev, out: Path, o: ReportOptions,
+            notes: Notes) -> None:
+    """The design's coverage, then the figure, unless some setting lacks a value for a seed (its bars would
+    average fewer seeds than the subtitle states: named above instead) or the figure refuses the summary."""
+    plan, figure = chosen.plan, chosen.figure
+    have = {(m, i, round(f, 6)) for m, i, f in zip(summary["model"], summary["init"], summary["fraction"])}
+    absent = [f"{m}/{i}/f{f:g}" for m, i, f in plan.cells() if (m, i, round(f, 6)) not in have]
+    notes.add(f"{figure} design: {len(plan.cells())} settings, {len(plan.cells()) - len(absent)} with finished runs"
+              + ("; none yet for " if absent else ""), absent)
+    if lacking:
+        notes.add(f"WARNING: {figure} not drawn: settings without a value for every seed")
+        return
+    varying = settings_varying(summary)
+    fig_note = "; ".join(x for x in (o.note.rstrip(". "), f"bars differ in {', '.join(varying)}" if varying else "")
+                         if x)
+    try:
+        paths = draw_figure(figure, summary, out, plan.models, fig_note, o.metrics,
+                            None if ev is None else ev.comparisons)
+    except UserError as err:
+        notes.add(f"WARNING: {figure} not drawn: {err}")
+        notes.problems.append(f"{figure} not drawn (the tables are written): {err}")
+        return
+    notes.add("figure: " + ", ".join(str(p) for p in paths))
 
 
 EXTERNAL_KEY = ["trained_on", "dataset", "model", "init", "strategy", "fraction", "setting_id"]
@@ -587,10 +614,6 @@ def markdown_external(external: pd.DataFrame) -> str:
         lines.append(f"| {r.trained_on} | {r.dataset} | {r.model} | {r.init} | {r.fraction:g} | {r.n} | {n_test} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-class SkipFigure(Exception):
-    """The figure is not drawn for a reason already noted."""
 
 
 def lacking_metric(runs: pd.DataFrame, metrics: tuple[str, ...]) -> list[str]:

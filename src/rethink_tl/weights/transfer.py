@@ -34,12 +34,14 @@ import torchvision
 from omegaconf import OmegaConf
 from torch import nn
 
-from .errors import UserError
-from .models import Classifier, ModelInfo
+from .. import atomic_io, runfiles as rf
+from ..config import InitConfig, InitName, typed
+from ..errors import UserError
+from ..models import Classifier, ModelInfo, canonical_name
 
 log = logging.getLogger(__name__)
 
-INIT_NAMES = ("random", "pretrained")
+INIT_NAMES = tuple(i.value for i in InitName)
 STRATEGIES = {"full": "TL", "cbr": "TL", "truncated": "Truncated-TL", "slim": "Transfusion"}
 
 # File names torchvision gives its ImageNet checkpoints in the hub cache, read from its weight enums
@@ -113,8 +115,6 @@ def weights_slot(model_cfg: Mapping[str, Any]) -> str:
     """The installed-weights folder name of a model: its canonical name, with the timm backbone and cut for
     model=timm / trunc (cbr_small, dens_t1, trunc-resnet18-cut2). The head is not part of it: only the trunk
     is transferred."""
-    from .models.registry import canonical_name
-
     name = canonical_name(str(model_cfg["name"]))
     if name in ("timm", "trunc"):
         name += f"-{model_cfg['backbone']}"
@@ -155,11 +155,11 @@ def read_meta(path: Path) -> dict[str, Any]:
 def installed(slot: str) -> tuple[Path, dict[str, Any]] | None:
     """(weights.pth, weights.json content) installed for ``slot``, or None."""
     folder = weights_home() / check_slot(slot)
-    path = folder / "weights.pth"
+    path = folder / rf.WEIGHTS
     if not path.is_file():
         return None
     try:
-        return path, read_meta(folder / "weights.json")
+        return path, read_meta(folder / rf.WEIGHTS_META)
     except UserError as err:
         raise UserError(f"{err}: install the weights again with rtl weights install RUN_DIR --replace, or remove "
                         f"them with rtl weights remove {slot}") from None
@@ -171,25 +171,23 @@ def install(run_dir: str | os.PathLike, meta: dict[str, Any] | None = None, repl
     An empty slot, or one holding the same file, takes it. A slot holding other weights (or damaged ones) is
     replaced only with ``replace``: the runs made from the old file would otherwise no longer match what
     init=pretrained finds."""
-    from . import atomic_io
-
     run_dir = Path(run_dir)
-    src = run_dir / "weights.pth"
+    src = run_dir / rf.WEIGHTS
     if meta is None:
-        if not (run_dir / "weights.json").is_file() or not src.is_file():
+        if not (run_dir / rf.WEIGHTS_META).is_file() or not src.is_file():
             raise UserError(f"{run_dir} holds no finished pretraining (weights.pth and weights.json): run rtl pretrain "
                             "to the end first")
-        meta = read_meta(run_dir / "weights.json")
+        meta = read_meta(run_dir / rf.WEIGHTS_META)
     slot = check_slot(str(meta["slot"]))
     if sha256_file(src) != meta["sha256"]:
-        raise UserError(f"{src} does not match the sha256 in {run_dir / 'weights.json'}: the file changed after the "
+        raise UserError(f"{src} does not match the sha256 in {run_dir / rf.WEIGHTS_META}: the file changed after the "
                         "pretraining wrote it; run the pretraining again with runtime.force=true")
     folder = weights_home() / slot
-    target = folder / "weights.pth"
+    target = folder / rf.WEIGHTS
     # What is there now, judged by the file itself (a damaged copy or record is "other weights").
     there = sha256_file(target) if target.is_file() else None
     try:
-        recorded = read_meta(folder / "weights.json")["sha256"] if there else None
+        recorded = read_meta(folder / rf.WEIGHTS_META)["sha256"] if there else None
     except UserError:
         recorded = None
     if there is not None and (there != meta["sha256"] or recorded != meta["sha256"]) and not replace:
@@ -198,7 +196,7 @@ def install(run_dir: str | os.PathLike, meta: dict[str, Any] | None = None, repl
     try:
         if there != meta["sha256"]:
             atomic_io.write_bytes(target, src.read_bytes())
-        atomic_io.write_json(meta, folder / "weights.json")
+        atomic_io.write_json(meta, folder / rf.WEIGHTS_META)
     except UserError as err:
         raise UserError(f"could not install into {folder} (RTL_WEIGHTS): {str(err).split(': ', 1)[-1].split(';')[0]}; "
                         f"set RTL_WEIGHTS to a writable folder and run rtl weights install {run_dir} (the pretraining "
@@ -212,18 +210,18 @@ def list_installed() -> list[dict[str, Any]]:
     home = weights_home()
     rows = []
     for folder in sorted(home.iterdir()) if home.is_dir() else []:
-        if (folder / "weights.pth").is_file():
+        if (folder / rf.WEIGHTS).is_file():
             try:
-                meta = read_meta(folder / "weights.json")
+                meta = read_meta(folder / rf.WEIGHTS_META)
             except UserError:
                 meta = {"slot": folder.name, "damaged": True}
-            rows.append({**meta, "path": str(folder / "weights.pth")})
+            rows.append({**meta, "path": str(folder / rf.WEIGHTS)})
     return rows
 
 
 def remove_installed(slot: str) -> Path:
     folder = weights_home() / check_slot(slot)
-    if not (folder / "weights.pth").is_file():
+    if not (folder / rf.WEIGHTS).is_file():
         raise UserError(f"no weights installed for {slot} in {weights_home()} (rtl weights list shows what is)")
     shutil.rmtree(folder)
     return folder
@@ -233,8 +231,6 @@ def apply_init(model: Classifier, init_cfg: Mapping[str, Any], slot: str | None 
     """Initialise ``model`` as ``init_cfg`` says (keys: name, weights, download) and report what happened.
     ``slot`` names the model's installed rtl pretrain weights (``weights_slot(cfg.model)``; default: the
     model's name)."""
-    from .config import InitConfig, typed
-
     init_cfg = typed(InitConfig, init_cfg, where="init")
     if OmegaConf.is_missing(init_cfg, "name"):
         raise UserError("no init given: choose init=random or init=pretrained")

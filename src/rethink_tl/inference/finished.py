@@ -14,9 +14,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import atomic_io
-from .errors import UserError
-from .results import BrokenRun, label_names, read_run, run_dirs
+from .. import atomic_io, runfiles as rf
+from ..engine import Batcher, predict_probs
+from ..errors import UserError
+from ..evidence.results import BrokenRun, label_names, read_run, run_dirs
+from ..models import build_model
 
 
 @dataclass
@@ -40,8 +42,6 @@ class FinishedRun:
 def load_run(path: str | Path, model: bool = True) -> FinishedRun:
     """The finished run in ``path`` with its best checkpoint loaded (``model=False``: checked to be there, not
     loaded); UserError when it is not one."""
-    from .models import build_model
-
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path} is not a directory: pass the folder of a finished rtl train run (it holds "
@@ -52,14 +52,14 @@ def load_run(path: str | Path, model: bool = True) -> FinishedRun:
         raise UserError(str(err)) from None
     if run.row is None:
         state = f"failed ({run.error})" if run.error else "not finished (no results.csv)"
-        if not (path / "identity.json").exists() and run.error is None:
+        if not (path / rf.IDENTITY).exists() and run.error is None:
             state = "not an rtl train run (no results.csv, no identity.json)"
         raise UserError(f"{path} is {state}: pass the folder of a finished rtl train run")
-    best = path / "best.pt"
+    best = path / rf.BEST
     if not best.is_file():
         raise UserError(f"{path} has no best.pt (the best checkpoint): it was removed; run the run again with "
                         "runtime.force=true to make it")
-    config = path / "config.yaml"
+    config = path / rf.CONFIG
     if not config.is_file():
         raise UserError(f"{path} has no config.yaml: it cannot be rebuilt; run the run again with runtime.force=true")
     try:
@@ -69,7 +69,7 @@ def load_run(path: str | Path, model: bool = True) -> FinishedRun:
                         "runtime.force=true") from None
     labels = label_names(run.row.keys())
     if not labels:
-        raise UserError(f"{path / 'results.csv'} names no label (no test_auroc_<label> column): made by an older rtl? "
+        raise UserError(f"{path / rf.RESULTS} names no label (no test_auroc_<label> column): made by an older rtl? "
                         "run it again with runtime.force=true")
     if not model:
         return FinishedRun(path, cfg, run.row, labels, None, int(run.row.get("best_epoch", 0)))
@@ -90,26 +90,19 @@ def finished_below(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root} is not a directory: pass a run folder or a sweep folder")
-    return [p for p in run_dirs(root) if (p / "results.csv").is_file() and (p / "best.pt").is_file()]
+    return [p for p in run_dirs(root) if (p / rf.RESULTS).is_file() and (p / rf.BEST).is_file()]
 
 
 def eval_batcher(model: torch.nn.Module):
     """uint8 images -> the model's input, normalised as it was trained (engine.Batcher without augmentation)."""
-    from .engine import Batcher
-
-    info = model.info
-    device = next(model.parameters()).device
-    mean = torch.tensor(info.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(info.std, device=device).view(1, 3, 1, 1)
-    return Batcher(mean, std, device, channels_last=False)
+    return Batcher.for_model(model.info, next(model.parameters()).device, channels_last=False)
 
 
 def infer(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
     """Sigmoid outputs (N, L) float32 for uint8 images (N, C, H, W), normalised as the model was trained."""
-    from .data import Split
-    from .engine import predict
+    from ..data import Split
 
     batcher = eval_batcher(model)
     n = len(images)
     split = Split(images, torch.zeros(n, 1), torch.ones(n, 1, dtype=torch.bool), [str(i) for i in range(n)])
-    return predict(model, split, batcher, batch_size).astype(np.float32)
+    return predict_probs(model, split, batcher, batch_size).astype(np.float32)

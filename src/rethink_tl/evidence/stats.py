@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 import scipy.stats
 
-from .errors import UserError
+from ..errors import UserError
 
 RESAMPLES = 2000
 MAX_RESAMPLES = 100_000  # the bootstrap distribution is kept: 8 bytes x rows x resamples

@@ -11,13 +11,12 @@ taken at the last convolutional block of the trunk (``target_layer``), and the m
 tiles, rows = label x group, written as PNG and PDF to ``--out`` (default RUN_DIR/explain/).
 
 The images are the run's own test images, rebuilt from its config; a rebuilt split whose fingerprint is not
-the run's (the data changed since) is refused. On ``data=synthetic`` the findings were painted at known
-places (``synthetic.finding_masks``), so the command also says how much of the maps' mass falls inside them.
+the run's (the data changed since) is refused. Where the dataset knows where its findings are (the synthetic
+data paints them: ``data.finding_masks``), the command also says how much of the maps' mass falls inside them.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import textwrap
 from dataclasses import dataclass, field
@@ -28,8 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data.base import Split
-from .errors import UserError
+from ..atomic_io import write_bytes
+from ..data import Split, build_data, finding_masks
+from ..errors import UserError
+from ..evidence import predictions
+from .finished import eval_batcher, load_run
 
 # (key, row title, how a row is picked); the order of the rows of each label.
 GROUPS = (
@@ -131,8 +133,6 @@ def grad_cam(model: nn.Module, images: torch.Tensor, label_index: int, batch_siz
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from .finished import eval_batcher
-
     info = model.info
     batcher = eval_batcher(model)
     layer = target_layer(model)
@@ -163,8 +163,6 @@ def _grey(images: torch.Tensor) -> np.ndarray:
 
 def _rebuild_test(run) -> Split:
     """The run's test split, rebuilt from its config; refused when it is not the data the run saw."""
-    from .data import build_data
-
     expected = str(run.row.get("data_fingerprint") or "")
     if not expected or expected == "nan":
         raise UserError(f"{run.path / 'results.csv'} records no data_fingerprint: the rebuilt images cannot be "
@@ -177,25 +175,9 @@ def _rebuild_test(run) -> Split:
     return bundle.test
 
 
-def _synthetic_findings(cfg, ids: Sequence[str], label: str) -> np.ndarray | None:
-    """(N, H, W) masks of where ``label``'s finding was painted in test images ``ids``; None for other data."""
-    if str(cfg.data.kind) != "synthetic":
-        return None
-    from .data.synthetic import finding_masks
-    from .data.synthetic_data import _streams
-
-    (_, _, seed, prevalence), = [s for s in _streams(cfg.data) if s[0] == "test"]
-    index = [int(i.rsplit("-", 1)[1]) for i in ids]
-    labels = list(cfg.data.labels)
-    return finding_masks(index, int(cfg.data.image_size), seed, prevalence, labels)[:, labels.index(label)]
-
-
 def explain(run_dir: str | Path, label: str | None = None, n: int = 4, out: str | Path | None = None,
             write: bool = True) -> Explanation:
     """Pick, map and draw (module docstring); the figure goes to ``out`` (default RUN_DIR/explain/)."""
-    from . import predictions
-    from .finished import load_run
-
     if not 1 <= n <= MAX_N:
         raise UserError(f"--n must be 1 to {MAX_N} (images per group, one column each), got {n}")
     run = load_run(run_dir)
@@ -222,7 +204,7 @@ def explain(run_dir: str | Path, label: str | None = None, n: int = 4, out: str 
         images = split.images[[where[test.ids[r]] for r in chosen]]
         cams = dict(zip(chosen, grad_cam(run.model, images, j)))
         greys = dict(zip(chosen, _grey(images)))
-        found = _synthetic_findings(run.cfg, [test.ids[r] for r in chosen], lab)
+        found = finding_masks(run.cfg.data, "test", [test.ids[r] for r in chosen], lab)
         findings = dict(zip(chosen, found)) if found is not None else {}
         for key, title, how in GROUPS:
             picked = groups[key]
@@ -284,8 +266,6 @@ def _draw(result: Explanation, run, n: int):
 
 
 def _save(fig, out_dir: Path, name: str) -> list[Path]:
-    from .atomic_io import write_bytes
-
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
     for path, fmt in zip(paths, ("png", "pdf")):
         def render(fmt=fmt) -> bytes:
@@ -294,22 +274,15 @@ def _save(fig, out_dir: Path, name: str) -> list[Path]:
             return buf.getvalue()
 
         # In memory first, then renamed into place: a full disk never leaves half a figure.
-        write_bytes(path, render)
+        write_bytes(path, render, option="--out")
     return paths
 
 
 # --- the command ------------------------------------------------------------------------------------------------
 
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="rtl explain", description="Grad-CAM maps of a finished run's best checkpoint on its test images: "
-        "per label, the highest-scored positives, the lowest-scored positives and the highest-scored negatives.")
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="the folder of a finished rtl train run")
-    parser.add_argument("--label", metavar="L", help="only this label (default: every label of the model)")
-    parser.add_argument("--n", type=int, default=4, metavar="N", help="images per group (default 4)")
-    parser.add_argument("--out", metavar="DIR", help="where the PNG and PDF go (default RUN_DIR/explain/)")
-    args = parser.parse_args(argv)
-    result = explain(args.run_dir, label=args.label, n=args.n, out=args.out)
+def explain_to_files(run_dir: str, label: str | None, n: int, out: str | None) -> None:
+    """``rtl explain``: the maps drawn, then what each row shows, the notes and the files, printed."""
+    result = explain(run_dir, label=label, n=n, out=out)
     titles = {key: title for key, title, _ in GROUPS}
     for row in result.rows:
         shown = ", ".join(f"{t.id} (p={t.prob:.3f})" for t in row.tiles) or "none"

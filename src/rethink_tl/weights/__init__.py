@@ -1,0 +1,9 @@
+"""Pretrained weights: where they are kept (store: $RTL_WEIGHTS), where they come from (sources: files, the
+torch and Hugging Face caches, pip packages, a download; each non-native source with its rename map) and how
+they get into a model (transfer: by name, strictly, with a report of what was loaded and what is new)."""
+
+from .transfer import (InitReport, apply_init, check_slot, install, installed, list_installed, read_meta,
+                       read_weights_file, remove_installed, sha256_file, strategy_for, weights_home, weights_slot)
+
+__all__ = ["InitReport", "apply_init", "check_slot", "install", "installed", "list_installed", "read_meta",
+           "read_weights_file", "remove_installed", "sha256_file", "strategy_for", "weights_home", "weights_slot"]
