@@ -13,11 +13,12 @@ DEMO_ARGS ?= data=synthetic data.image_size=64 data.num_samples=6000 data.fracti
              train.epochs=20 train.lr=3e-4 train.batch_size=32 runtime.progress=false \
              hydra.sweep.dir=$(DEMO_DIR)
 
-.PHONY: help install demo test clean claims
+.PHONY: help install demo test test-fast clean claims
 
 help:
 	@echo "make demo    TL vs RI on the embedded synthetic data with real EfficientNet-Lite0 weights (CPU, < 10 min)"
 	@echo "make test    install into $(VENV) and run the test suite (2 processes, pytest-xdist)"
+	@echo "make test-fast   the tests not marked slow (no learning, subprocess, DDP or service tests)"
 	@echo "make clean   remove run outputs (keeps $(VENV))"
 	@echo "make fig2    toy ROC/PR curves of classifiers A and B (paper Fig. 2), no training"
 	@echo "make fig3 ... fig7 [COVID_CSV=... CHEXPERT_ROOT=... CBR_WEIGHTS=...]   sweep + report of one paper figure"
@@ -39,6 +40,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+
+# Everything but the tests marked slow (learning, subprocess, DDP, services): the edit-test loop.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
 clean:
 	rm -rf runs multirun outputs demo_runs bench_runs claims pretrain_runs pretrain_multirun

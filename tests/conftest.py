@@ -17,6 +17,23 @@ def own_weights_home(tmp_path_factory, monkeypatch):
     user's ~/.cache/rethink_tl/weights: an installed cbr_small would change what init=pretrained loads."""
     monkeypatch.setenv("RTL_WEIGHTS", str(tmp_path_factory.mktemp("weights")))
 
+
+@pytest.fixture(autouse=True)
+def logging_as_it_was():
+    """A command run in-process (cli.main) lets Hydra configure logging with handlers on this test's captured
+    streams; later tests would log into closed files. Each test leaves the root logger as it found it."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+            h.close()
+    root.setLevel(level)
+
+
 # Data and training settings small enough for a 2-core CPU; TINY adds a small model.
 TINY_DATA = [
     "data.image_size=32",

@@ -26,12 +26,14 @@ def assert_user_error(proc, *fragments):
         assert fragment in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_prints_composed_config_from_any_folder(tmp_path):
     proc = rtl("train", "--cfg", "job", "model=dens_t1", "init=pretrained", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "name: dens_t1" in proc.stdout and "name: pretrained" in proc.stdout and "lr: 1.0e-05" in proc.stdout
 
 
+@pytest.mark.slow
 def test_train_run_writes_the_run_directory(tmp_path):
     out = tmp_path / "run"
     proc = rtl("train", *TINY, "train.epochs=2", f"hydra.run.dir={out}", cwd=tmp_path)
@@ -48,6 +50,7 @@ def test_train_run_writes_the_run_directory(tmp_path):
     assert proc.returncode == 0 and (out / "results.csv").read_text() == before
 
 
+@pytest.mark.slow
 def test_sweep_and_report(tmp_path):
     sweep = tmp_path / "sweep"
     proc = rtl("train", "-m", *TINY, "train.epochs=1", "train.seed=0,1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
@@ -61,21 +64,25 @@ def test_sweep_and_report(tmp_path):
     assert "| synthetic |" in proc.stdout
 
 
+@pytest.mark.slow
 def test_unknown_model(tmp_path):
     proc = rtl("train", "model=dens_t9", cwd=tmp_path)
     assert_user_error(proc, "dens_t9")
     assert "dens_t1" in proc.stderr  # the choices are listed
 
 
+@pytest.mark.slow
 def test_unknown_dataset(tmp_path):
     assert_user_error(rtl("train", "data=imagenet", cwd=tmp_path), "imagenet")
 
 
+@pytest.mark.slow
 def test_image_too_small_for_the_model(tmp_path):
     proc = rtl("train", *TINY_DATA, "model=cbr_large_t", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
     assert_user_error(proc, "cbr_large_t", "217")
 
 
+@pytest.mark.slow
 def test_missing_weights_offline(tmp_path):
     env = {"TORCH_HOME": str(tmp_path / "torch"), "HF_HOME": str(tmp_path / "hf")}
     proc = rtl("train", *TINY_DATA, "model=dens_t1", "init=pretrained", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path,
@@ -84,6 +91,7 @@ def test_missing_weights_offline(tmp_path):
     assert not (tmp_path / "r" / "results.csv").exists()
 
 
+@pytest.mark.slow
 def test_weights_of_the_wrong_shape(tmp_path):
     import torchvision
 
@@ -94,10 +102,12 @@ def test_weights_of_the_wrong_shape(tmp_path):
     assert_user_error(proc, "resnet18.pth")
 
 
+@pytest.mark.slow
 def test_unknown_command(tmp_path):
     assert_user_error(rtl("fly", cwd=tmp_path), "unknown command 'fly'")
 
 
+@pytest.mark.slow
 def test_unwritable_output_folder(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -106,6 +116,7 @@ def test_unwritable_output_folder(tmp_path):
     assert blocker.read_text() == "not a folder"
 
 
+@pytest.mark.slow
 def test_a_failing_setting_does_not_cancel_the_rest_of_a_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     # cbr_small refuses 32 px images; trunc runs. The sweep finishes trunc, then reports the failure.
@@ -116,3 +127,125 @@ def test_a_failing_setting_does_not_cancel_the_rest_of_a_sweep(tmp_path):
     assert len(list(sweep.rglob("results.csv"))) == 1
     (error,) = sweep.rglob("error.txt")
     assert "cbr_small" in error.parent.as_posix() and "121 px" in error.read_text()
+
+
+# --- defects a tester found (issue 19), each one line and exit 2 (or its own documented status) ---------------
+
+def test_version_and_help_name_every_command(capsys):
+    from rethink_tl import __version__
+    from rethink_tl.cli import COMMANDS, main
+
+    main(["--version"])
+    assert capsys.readouterr().out.strip() == f"rtl {__version__}"
+    main(["--help"])
+    out = capsys.readouterr().out
+    assert all(f"rtl {name} " in out for name in COMMANDS)
+
+
+def test_unknown_model_in_weights_check_is_an_error(capsys):
+    from conftest import fails_in_one_line
+
+    line = fails_in_one_line(capsys, ["weights", "check", "cbr_small,nosuchmodel"])
+    assert "unknown model 'nosuchmodel'" in line and "cbr_small" in line
+
+
+def test_a_refused_run_leaves_no_folder_behind(tmp_path, capsys):
+    from conftest import fails_in_one_line
+
+    out = tmp_path / "run"
+    line = fails_in_one_line(capsys, ["train", *TINY, "train.lr=-1", f"hydra.run.dir={out}"])
+    assert "train.lr=-1.0 is out of range" in line
+    assert not out.exists()
+    # A folder that was there before keeps what it had.
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    fails_in_one_line(capsys, ["train", *TINY, "train.lr=-1", f"hydra.run.dir={out}"])
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_value_split_by_the_shell_or_holding_hydra_syntax_gets_the_quoting_hint(tmp_path, capsys):
+    from conftest import fails_in_one_line
+
+    run = f"hydra.run.dir={tmp_path / 'run'}"
+    # rtl train data.csv=/data/my images.csv: the shell splits the value at its space
+    line = fails_in_one_line(capsys, ["train", "model=trunc", "data=csv", "data.csv=/data/my", "images.csv", run])
+    assert "'images.csv' is not an override (KEY=VALUE): a value with a space must be quoted" in line
+    line = fails_in_one_line(capsys, ["train", "model=trunc", "data=csv", "data.csv=/data/my (1).csv", run])
+    assert "must be quoted for Hydra inside the shell's quotes" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_pretrain_takes_train_key_names_and_names_the_recipe_keys(tmp_path, capsys):
+    from conftest import fails_in_one_line
+    from rethink_tl.cli import _pretrain_keys
+
+    assert _pretrain_keys(["train.epochs=6", "train.batch_size=32", "train.seed=0", "train.device=cpu"]) == [
+        "recipe.epochs=6", "recipe.batch_size=32", "recipe.seed=0", "runtime.device=cpu"]
+    assert "recipe.lr_per_256" in fails_in_one_line(capsys, ["pretrain", "train.lr=0.1"])
+    assert "recipe.{epochs, batch_size" in fails_in_one_line(capsys, ["pretrain", "train.patience=3"])
+
+
+def test_pretrain_on_a_file_says_it_is_a_file(tmp_path, capsys):
+    from conftest import fails_in_one_line
+
+    f = tmp_path / "hostname"
+    f.write_text("x")
+    line = fails_in_one_line(capsys, ["pretrain", f"data.root={f}", "runtime.device=cpu",
+                                      f"hydra.run.dir={tmp_path / 'run'}"])
+    assert f"data.root={f} is a file, not a folder" in line
+
+
+def test_pretrain_validation_resize_follows_the_image_size():
+    from conftest import compose_cfg  # noqa: F401
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="rethink_tl.conf", version_base="1.3"):
+        default = compose(config_name="pretrain")
+        small = compose(config_name="pretrain", overrides=["data.image_size=32"])
+        given = compose(config_name="pretrain", overrides=["data.image_size=32", "data.val_resize=48"])
+    assert (default.data.image_size, default.data.val_resize) == (224, 256)  # the recipe's 224 / 256
+    assert small.data.val_resize == 37  # round(32 * 256 / 224): the same share of the image as at 224
+    assert given.data.val_resize == 48
+
+
+def test_report_of_a_tree_with_unfinished_runs_exits_3_after_writing_the_tables(tmp_path, capsys):
+    from conftest import train_tiny
+    from rethink_tl.cli import EXIT_INCOMPLETE, main
+
+    sweep = tmp_path / "sweep"
+    train_tiny(sweep / "s0", "train.epochs=1")
+    train_tiny(sweep / "s1", "train.epochs=1", "train.seed=1")
+    (sweep / "s1" / "results.csv").unlink()  # stopped before its end: metrics.csv and last.pt stay
+    with pytest.raises(SystemExit) as exc:
+        main(["report", str(sweep), "--resamples", "0"])
+    assert exc.value.code == EXIT_INCOMPLETE == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not every run below" in err[0] and "1 unfinished run(s) (s1)" in err[0]
+    assert len(pd.read_csv(sweep / "summary.csv")) == 1
+
+
+def test_an_unwritable_out_names_out_not_hydra(tmp_path, monkeypatch):
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from conftest import train_tiny
+    from rethink_tl.errors import UserError
+    from rethink_tl.inference.explain import explain
+    from rethink_tl.inference.predict import predict_to_file
+
+    train_tiny(tmp_path / "run", "train.epochs=1")
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.full((40, 40), 128, np.uint8)).save(images / "a.png")
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    for write in (lambda: predict_to_file(str(tmp_path / "run"), str(images), str(tmp_path / "p.csv")),
+                  lambda: explain(tmp_path / "run", n=1, out=tmp_path / "maps")):
+        with pytest.raises(UserError) as err:
+            write()
+        assert "choose a writable output folder (--out)" in str(err.value) and "hydra" not in str(err.value)

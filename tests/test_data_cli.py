@@ -56,6 +56,7 @@ def with_bad_images(table, tmp_path):
     table.loc[13, "path"] = str(corrupt)
 
 
+@pytest.mark.slow
 def test_missing_and_unreadable_images_are_listed_together(csv, tmp_path):
     path = variant(csv, tmp_path, lambda t: with_bad_images(t, tmp_path))
     proc = rtl(tmp_path, "data=csv", f"data.csv={path}")
@@ -64,6 +65,7 @@ def test_missing_and_unreadable_images_are_listed_together(csv, tmp_path):
     assert not (tmp_path / "run" / "results.csv").exists()
 
 
+@pytest.mark.slow
 def test_skipping_bad_images_warns_and_trains(csv, tmp_path):
     path = variant(csv, tmp_path, lambda t: with_bad_images(t, tmp_path))
     proc = rtl(tmp_path, "data=csv", f"data.csv={path}", "data.on_bad_image=skip", "data.name=hospital")
@@ -73,6 +75,7 @@ def test_skipping_bad_images_warns_and_trains(csv, tmp_path):
     assert row["dataset"] == "hospital" and row["n_train"] + row["n_val"] + row["n_test"] == 37
 
 
+@pytest.mark.slow
 def test_csv_without_the_needed_columns(csv, tmp_path):
     proc = rtl(tmp_path, "data=csv", f"data.csv={csv}", "data.labels=[covid,fever]")
     assert_user_error(proc, "has no column 'fever'", "its columns: path, patient_id, date")
@@ -80,6 +83,7 @@ def test_csv_without_the_needed_columns(csv, tmp_path):
     assert_user_error(rtl(tmp_path, "data=csv", f"data.csv={path}", "data.labels=[covid]"), "no column 'path'")
 
 
+@pytest.mark.slow
 def test_label_values_outside_the_allowed_set_name_the_row(csv, tmp_path):
     path = variant(csv, tmp_path, lambda t: t.__setitem__("covid", ["2" if i == 3 else v
                                                                      for i, v in enumerate(t["covid"])]))
@@ -87,11 +91,13 @@ def test_label_values_outside_the_allowed_set_name_the_row(csv, tmp_path):
     assert_user_error(proc, "label values must be 1, 0, -1 or blank", "row 4 (line 5) covid='2'")
 
 
+@pytest.mark.slow
 def test_empty_split_says_which(csv, tmp_path):
     proc = rtl(tmp_path, "data=csv", f"data.csv={csv}", "data.cutoff_date=2030-01-01")
     assert_user_error(proc, "the test split is empty", "data.cutoff_date=2030-01-01")
 
 
+@pytest.mark.slow
 def test_fraction_without_positives(csv, tmp_path):
     path = variant(csv, tmp_path, lambda t: t.__setitem__("rare", [1 if i == 0 else 0 for i in range(len(t))]))
     proc = rtl(tmp_path, "data=csv", f"data.csv={path}", "data.labels=[covid,rare]", "data.fraction=0.1",
@@ -99,6 +105,7 @@ def test_fraction_without_positives(csv, tmp_path):
     assert_user_error(proc, "data.fraction=0.1", "no positive for rare")
 
 
+@pytest.mark.slow
 def test_chexpert_missing_images(tmp_path):
     root = make_chexpert(tmp_path / "cx", n_patients=10, n_valid=2)
     for p in sorted(root.glob("train/patient0000[1-3]/study1/view1_frontal.jpg")):

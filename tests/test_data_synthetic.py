@@ -159,6 +159,7 @@ def balanced():
     return train, test
 
 
+@pytest.mark.slow
 def test_global_intensity_statistics_carry_no_label(balanced):
     (xtr, ytr), (xte, yte) = balanced
     x = np.concatenate([xtr, xte]).astype(np.float64)
@@ -199,6 +200,7 @@ def _auroc_per_label(model: nn.Module, x: torch.Tensor, y: np.ndarray) -> list[f
     return [roc_auc_score(y[:, j], scores[:, j]) for j in range(y.shape[1])]
 
 
+@pytest.mark.slow
 def test_small_cnn_learns_both_findings(balanced, record_property):
     (xtr, ytr), (xte, yte) = balanced
     threads = torch.get_num_threads()

@@ -18,7 +18,7 @@ import pytest
 import scipy.stats
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from conftest import TINY_DATA, compose_cfg, fails_in_one_line
+from conftest import TINY_DATA, compose_cfg, fails_in_one_line, train_tiny
 from rethink_tl.evidence import stats
 from rethink_tl.cli import main
 from rethink_tl.evidence.predictions import PREDICTIONS_FILE, SplitPredictions, read, recompute, write
@@ -109,6 +109,7 @@ def sweep(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_predictions_recompute_the_results_row(sweep):
     run_dir = sweep / "cut1" / "pretrained" / "s0"
     row = pd.read_csv(run_dir / "results.csv").iloc[0]
@@ -155,6 +156,7 @@ def _independent(sweep, a: str, b: str, metric: str, resamples: int, seed: int):
     return statistic(np.arange(n)), res.confidence_interval.low, res.confidence_interval.high
 
 
+@pytest.mark.slow
 def test_report_writes_intervals_and_the_comparisons_table(sweep, tmp_path):
     out = tmp_path / "report"
     done = report(sweep, out=out, resamples=300, seed=7, compare=[(f"{CUT1}/pretrained", f"{CUT0}/pretrained")])
@@ -196,7 +198,7 @@ def test_report_cli_refuses_an_unknown_compare_side_and_too_few_images(sweep, tm
     for argv, words in ((["--seed", "-1"], "--seed -1: use a whole number"),
                         (["--resamples", "10000000"], "use 0 (no intervals) or 100 to 100,000"),
                         (["--compare", f"{CUT0}/TL", f"{CUT0}/pretrained"], "both sides are the same settings"),
-                        (["--compare", CUT0, f"{CUT1}/pretrained"], "matches several settings")):
+                        (["--compare", CUT0, f"{CUT1}/pretrained"], f"{CUT0} is 2 settings of this report")):
         assert words in fails_in_one_line(capsys, ["report", sweep, "--out", tmp_path / "b", *argv])
 
     # A predictions file copied from another run (same test images) must not lend it its predictions.
@@ -249,6 +251,7 @@ def test_predictions_file_round_trips_float32_and_patients(tmp_path):
     assert (tmp_path / PREDICTIONS_FILE).read_bytes() == first  # no timestamp inside
 
 
+@pytest.mark.slow
 def test_report_includes_external_results_and_leaves_out_stale_ones(sweep, tmp_path, capsys):
     root = tmp_path / "sweep"
     shutil.copytree(sweep, root)
@@ -298,22 +301,28 @@ def test_tl_vs_ri_figure_marks_significant_differences(sweep, tmp_path):
     assert "paired bootstrap" in fig.texts[0].get_text() or any("paired bootstrap" in t.get_text() for t in fig.texts)
 
 
-def test_only_settings_equal_apart_from_init_or_model_are_paired():
-    from rethink_tl.evidence.compare import pairs
+def test_compare_names_one_setting_of_an_lr_sweep(tmp_path, capsys):
+    """Two learning rates of one model x init are two settings: --compare X/random X/random is ambiguous, and
+    X/random:train.lr=A X/random:train.lr=B compares exactly those two."""
+    root = tmp_path / "lr"
+    for lr in ("0.001", "0.01"):
+        for seed in (0, 1):
+            train_tiny(root / f"lr{lr}" / f"s{seed}", f"train.lr={lr}", f"train.seed={seed}", "train.epochs=1")
+    err = fails_in_one_line(capsys, ["report", root, "--out", tmp_path / "refused", "--compare", f"{CUT1}/random",
+                                     f"{CUT1}/random"])
+    assert err.endswith(f"{CUT1}/random is 2 settings of this report (train.lr=0.001; train.lr=0.01): name one side "
+                        f"with its settings, e.g. {CUT1}/random:train.lr=0.001")
 
-    rows = [("res_f", "pretrained", "train.lr=0.1"), ("res_f", "random", "train.lr=0.01"),  # other lr: no pair
-            ("dens_f", "pretrained", ""), ("dens_f", "random", ""), ("dens_t1", "pretrained", ""),
-            ("dens_t1", "random", ""), ("res_t1", "pretrained", "train.lr=0.01")]  # no res_f TL at lr 0.01
-    summary = pd.DataFrame([{"dataset": "d", "fraction": 1.0, "model": m, "init": i, "settings": s} for m, i, s in rows])
-    found, notes = pairs(summary, [])
-    named = {(kind, summary.loc[a, "model"], summary.loc[a, "init"], summary.loc[b, "model"], summary.loc[b, "init"])
-             for kind, a, b in found}
-    assert named == {("TL vs RI", "dens_f", "pretrained", "dens_f", "random"),
-                     ("TL vs RI", "dens_t1", "pretrained", "dens_t1", "random"),
-                     ("truncated/slim vs full TL", "dens_t1", "pretrained", "dens_f", "pretrained"),
-                     ("truncated/slim vs full TL", "dens_t1", "random", "dens_f", "pretrained")}
-    assert any("res_f TL [train.lr=0.1] has no RI counterpart" in n for n in notes)
-    assert any("res_t1 TL [train.lr=0.01] has no res_f TL with the same settings" in n for n in notes)
-    # External rows trained on different datasets are not paired.
-    ext = summary.iloc[2:4].assign(trained_on=["a", "b"])
-    assert pairs(ext, [])[0] == []
+    out = tmp_path / "report"
+    done = report(root, out=out, resamples=100, seed=0,
+                  compare=[(f"{CUT1}/random:train.lr=0.01", f"{CUT1}/RI:train.lr=0.001")])
+    assert done.problems == []
+    comp = pd.read_csv(out / "comparisons.csv", dtype={"seeds": str})
+    assert comp[["comparison", "a", "b", "metric", "seeds"]].values.tolist() == [
+        ["asked", f"{CUT1} RI [train.lr=0.01]", f"{CUT1} RI [train.lr=0.001]", metric, "0 1"]
+        for metric in ("auroc", "auprc")]
+    # A - B is the difference of the two rows' seed means, both over seeds 0 and 1.
+    mean = pd.read_csv(out / "summary.csv").set_index("settings")
+    for _, row in comp.iterrows():
+        want = mean.loc["train.lr=0.01", f"test_{row.metric}_mean"] - mean.loc["train.lr=0.001", f"test_{row.metric}_mean"]
+        assert row["difference"] == pytest.approx(want, abs=1e-9)

@@ -37,6 +37,7 @@ def sweeps(dry_run: str) -> list[dict[str, str]]:
     return out
 
 
+@pytest.mark.slow
 def test_fig5_runs_exactly_the_papers_five_models_with_tl():
     proc = make("-n", "fig5", "CHEXPERT_ROOT=/x", "CBR_WEIGHTS=/w")
     deep, cbr = sweeps(proc.stdout)
@@ -50,6 +51,7 @@ def test_fig5_runs_exactly_the_papers_five_models_with_tl():
     assert "weights check cbr_small" in proc.stdout and cbr["model"] == "$have" and "init.weights" not in cbr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["fig3", "fig6", "fig7"])
 def test_covid_targets_use_the_papers_cutoff_unless_told_none(target):
     lines = sweeps(make("-n", target, "COVID_CSV=x.csv").stdout)
@@ -58,6 +60,7 @@ def test_covid_targets_use_the_papers_cutoff_unless_told_none(target):
                                                                 "COVID_CUTOFF=none").stdout))
 
 
+@pytest.mark.slow
 def test_a_csv_without_dates_stops_fig3_before_any_training(tmp_path):
     csv = tmp_path / "images.csv"
     csv.write_text("path,covid,patient_id\na.png,1,p1\nb.png,0,p2\n")
@@ -74,6 +77,7 @@ def test_the_figure_subtitle_states_the_split_rule():
     assert "split: random by patient (seed 0)" in text and "mean ± 1 sd over 3 seeds" in text
 
 
+@pytest.mark.slow
 def test_rtl_data_prints_the_split_then_stops_on_a_label_a_run_could_not_learn(tmp_path):
     # 6 patients before the cutoff (all covid-negative but p0, p1), 2 after; the val holdout of 0.34 of the
     # patients before the cutoff has a positive with split seed 0 and none with seed 5 (which rtl train would
@@ -95,6 +99,7 @@ def test_rtl_data_prints_the_split_then_stops_on_a_label_a_run_could_not_learn(t
     assert "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_the_data_check_takes_the_sweeps_own_overrides(tmp_path):
     # A date column under another name: SWEEP_ARGS reaches the check as it reaches the sweeps.
     rows = ["path,covid,patient_id,study_date"] + [f"i{k}.png,{k % 2},p{k},2020-0{3 + k // 3}-01" for k in range(16)]

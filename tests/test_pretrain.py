@@ -154,6 +154,7 @@ def test_schedule_warms_up_linearly_then_decays_as_a_cosine():
 
 # --- a whole pretraining ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_pretraining_learns_writes_and_installs(finished):
     out, weights, proc = finished
     hist = pd.read_csv(out / "pretrain.csv")
@@ -183,6 +184,7 @@ def test_pretraining_learns_writes_and_installs(finished):
     assert listing.returncode == 0 and "cbr_small" in listing.stdout and meta["sha256"][:12] in listing.stdout
 
 
+@pytest.mark.slow
 def test_a_finished_pretraining_is_skipped(finished, folder):
     out, weights, _ = finished
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
@@ -195,6 +197,7 @@ def test_a_finished_pretraining_is_skipped(finished, folder):
         {k: v for k, v in before.items() if not k.endswith(".log")}
 
 
+@pytest.mark.slow
 def test_other_settings_in_the_same_folder_are_refused(finished, folder):
     out, weights, _ = finished
     proc = rtl("pretrain", *SMALL, "recipe.epochs=6", f"data.root={folder}", f"hydra.run.dir={out}", cwd=out,
@@ -213,6 +216,7 @@ def _wait_for_rows(out: Path, rows: int, proc) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_sigterm_and_sigkill_mid_epoch_then_reruns_give_the_same_run(finished, folder, tmp_path):
     """SIGTERM in epoch 2 saves the step; SIGKILL in epoch 4 loses the epoch; each rerun resumes, and the run
     ends with the uninterrupted run's pretrain.csv (timing aside) and a byte-identical weights.pth."""
@@ -258,6 +262,7 @@ def test_init_pretrained_finds_the_installed_weights(finished, monkeypatch):
     assert report.new == ["head"] and report.strategy == "TL"
 
 
+@pytest.mark.slow
 def test_rtl_train_uses_the_installed_weights_and_records_their_sha256(finished, tmp_path):
     out, weights, _ = finished
     sha = json.loads((out / "weights.json").read_text())["sha256"]
@@ -273,6 +278,7 @@ def test_rtl_train_uses_the_installed_weights_and_records_their_sha256(finished,
     assert row.weights == used and row.weights_sha256 == sha and row.strategy == "TL"
 
 
+@pytest.mark.slow
 def test_a_finished_train_run_is_not_skipped_once_other_weights_are_installed(finished, tmp_path, wcli):
     out, weights, _ = finished
     home = tmp_path / "home"
@@ -298,6 +304,7 @@ def test_a_finished_train_run_is_not_skipped_once_other_weights_are_installed(fi
     one_line_error(rtl(*args, cwd=tmp_path, weights=home), "but none are installed for cbr_small")
 
 
+@pytest.mark.slow
 def test_an_occupied_slot_is_replaced_only_on_request(finished, tmp_path, wcli):
     out, weights, _ = finished
     home = tmp_path / "home"
@@ -325,6 +332,7 @@ def test_an_occupied_slot_is_replaced_only_on_request(finished, tmp_path, wcli):
 
 # --- many processes -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one_process_with_the_same_global_batch(folder, tmp_path):
     args = [*SMALL, "recipe.epochs=1", "recipe.warmup_epochs=0", "recipe.batch_size=8", "runtime.workers=0",
             "runtime.threads=1",
@@ -363,6 +371,7 @@ def _copy(folder, dest):
 
 @pytest.mark.parametrize("case", ["no_root", "missing", "no_train", "no_val", "classes_differ", "broken_image",
                                   "too_small", "val_resize", "warmup", "batch_type", "unknown_key", "too_few"])
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(case, folder, tmp_path):
     root = tmp_path / "data"
     extra: list[str] = []
@@ -415,6 +424,7 @@ def test_cbr_train_without_any_weights_says_how_to_make_them(tmp_path):
 
 # --- found by trying to break it ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_weights_remove_and_check_take_model_names_never_paths(finished, tmp_path, wcli):
     out, weights, _ = finished
     victim = tmp_path / "victim"
@@ -427,6 +437,7 @@ def test_weights_remove_and_check_take_model_names_never_paths(finished, tmp_pat
     one_line_error(wcli(weights, "weights", "check", ","), "needs model names")
 
 
+@pytest.mark.slow
 def test_install_replace_mends_a_damaged_installed_file(finished, tmp_path, wcli):
     out, weights, _ = finished
     home = tmp_path / "home"
@@ -441,6 +452,7 @@ def test_install_replace_mends_a_damaged_installed_file(finished, tmp_path, wcli
     assert json.loads((home / "cbr_small" / "weights.json").read_text())["slot"] == "cbr_small"
 
 
+@pytest.mark.slow
 def test_links_to_folders_inside_a_class_are_refused(folder, tmp_path):
     root = _copy(folder, tmp_path / "data")
     (root / "train" / "00_stripes_h" / "again").symlink_to(".")
@@ -449,6 +461,7 @@ def test_links_to_folders_inside_a_class_are_refused(folder, tmp_path):
     one_line_error(proc, "is a link to a folder inside a class folder")
 
 
+@pytest.mark.slow
 def test_a_finished_run_without_its_weights_file_is_not_skipped(finished, folder, tmp_path):
     out, _, _ = finished
     copy = tmp_path / "copy"
@@ -459,6 +472,7 @@ def test_a_finished_run_without_its_weights_file_is_not_skipped(finished, folder
     one_line_error(proc, "weights.pth is missing", "runtime.force=true")
 
 
+@pytest.mark.slow
 def test_a_pretraining_never_shares_a_folder_with_a_train_run(folder, tmp_path):
     run = tmp_path / "run"
     (run).mkdir()
@@ -468,6 +482,7 @@ def test_a_pretraining_never_shares_a_folder_with_a_train_run(folder, tmp_path):
     one_line_error(proc, "holds an rtl train run")
 
 
+@pytest.mark.slow
 def test_a_bad_training_image_keeps_the_steps_before_it(folder, tmp_path):
     root = _copy(folder, tmp_path / "data")
     bad = sorted((root / "train" / "05_squares").iterdir())[0]

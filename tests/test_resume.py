@@ -75,6 +75,7 @@ def assert_same_as_reference(run_dir, reference):
     assert not list(run_dir.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume(tmp_path, reference):
     rng = random.Random(int(os.environ.get("RTL_TEST_SEED", "0")) or None)
     run_dir = tmp_path / "run"
@@ -119,6 +120,7 @@ ck.os.fsync = fsync
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("patch", [KILL_BEFORE_RENAME, KILL_MID_WRITE], ids=["before-rename", "mid-write"])
 def test_sigkill_while_writing_a_checkpoint(tmp_path, reference, patch):
     run_dir = tmp_path / "run"
@@ -130,6 +132,7 @@ def test_sigkill_while_writing_a_checkpoint(tmp_path, reference, patch):
     assert_same_as_reference(run_dir, reference)
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_saves_a_resumable_checkpoint(tmp_path, reference):
     run_dir = tmp_path / "run"
     # Slow each training step down so the signal lands inside an epoch, not in evaluation.
@@ -151,6 +154,7 @@ def test_sigterm_mid_epoch_saves_a_resumable_checkpoint(tmp_path, reference):
     assert_same_as_reference(run_dir, reference)
 
 
+@pytest.mark.slow
 def test_rerun_of_a_sweep_runs_only_what_is_missing(tmp_path):
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "rethink_tl.cli", "train", "-m", *TINY, "train.epochs=1", "train.seed=0,1,2",
@@ -185,6 +189,7 @@ signal.signal(signal.SIGUSR2, launcher_handler)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("requeue", [False, True], ids=["handler-returns", "handler-exits"])
 def test_signal_is_handed_on_to_an_earlier_handler(tmp_path, reference, requeue, monkeypatch):
     if requeue:

@@ -43,6 +43,7 @@ def test_channels_last_gives_the_same_outputs_and_gradients():
     assert float((got - ref).norm() / ref.norm()) < 1e-3
 
 
+@pytest.mark.slow
 def test_bf16_autocast_stays_within_bf16_noise():
     model, x = model_and_input()
     ref_out, _ = one_step(model, x, Precision(), channels_last=True)
@@ -52,6 +53,7 @@ def test_bf16_autocast_stays_within_bf16_noise():
     assert not torch.equal(out, ref_out)  # autocast really ran in bf16
 
 
+@pytest.mark.slow
 def test_compile_gives_the_same_outputs():
     model, x = model_and_input("trunc", backbone="tf_efficientnet_lite0", cut=1)
     model.eval()

@@ -27,6 +27,7 @@ def run(cmd, cwd, timeout=600):
     return proc
 
 
+@pytest.mark.slow
 def test_submitit_local_sweep_is_reported(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "sweep"
@@ -42,6 +43,7 @@ def test_submitit_local_sweep_is_reported(tmp_path):
     assert "2 finished runs in 1 settings" in proc.stdout
 
 
+@pytest.mark.slow
 def test_slurm_launcher_config_composes(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     proc = run([RTL, "train", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra",
@@ -63,6 +65,7 @@ EXPECTED = {  # figure -> (models, inits) drawn, at the design's fractions that 
 }
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 def test_make_figures_smoke_profile(tmp_path):
     out = tmp_path / "figs"

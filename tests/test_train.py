@@ -27,6 +27,7 @@ def test_plateau_halves_the_learning_rate():
     assert lrs == pytest.approx([1e-5] * 4 + [5e-6] * 4 + [2.5e-6])
 
 
+@pytest.mark.slow
 def test_run_writes_outputs_and_tests_the_best_validation_epoch(tmp_path, tiny_cfg):
     cfg = tiny_cfg("train.epochs=4", "train.patience=0")
     row = run(cfg, tmp_path)
@@ -78,6 +79,7 @@ def test_run_writes_outputs_and_tests_the_best_validation_epoch(tmp_path, tiny_c
     assert {"val_auprc_trapz", "val_auprc_trapz_nodule"} <= set(metrics.columns)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_metrics(tmp_path, tiny_cfg):
     a = run(tiny_cfg("train.epochs=2"), tmp_path / "a")
     b = run(tiny_cfg("train.epochs=2"), tmp_path / "b")
@@ -113,6 +115,7 @@ LEARNABLE = ("data.labels=[nodule]", "data.prevalence=0.5", "data.test_prevalenc
              "train.rotate_degrees=0", "train.scale_jitter=0")
 
 
+@pytest.mark.slow
 def test_learns_above_chance(tmp_path, tiny_cfg):
     from rethink_tl.train import setup
 
@@ -125,6 +128,7 @@ def test_learns_above_chance(tmp_path, tiny_cfg):
     assert row["test_auroc"] - before > 0.15, (before, row["test_auroc"])
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_cfg,
                                                                                         monkeypatch):
     import rethink_tl.train as train_module
@@ -163,6 +167,7 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_good_check
     assert len(pd.read_csv(tmp_path / "metrics.csv")) == 2
 
 
+@pytest.mark.slow
 def test_force_starts_over(tmp_path, tiny_cfg):
     first = run(tiny_cfg("train.epochs=1"), tmp_path)
     again = run(tiny_cfg("train.epochs=2", "runtime.force=true"), tmp_path)
@@ -170,6 +175,7 @@ def test_force_starts_over(tmp_path, tiny_cfg):
     assert list(pd.read_csv(tmp_path / "metrics.csv").epoch) == [1, 2]
 
 
+@pytest.mark.slow
 def test_early_stop_after_epochs_without_a_better_validation_auprc(tmp_path, tiny_cfg):
     row = run(tiny_cfg("train.epochs=8", "train.early_stop=2", "train.lr=1e-9"), tmp_path)
     metrics = pd.read_csv(tmp_path / "metrics.csv")

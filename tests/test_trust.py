@@ -39,6 +39,7 @@ def snapshot(folder):
             and p.name != ".rtl.lock"}
 
 
+@pytest.mark.slow
 def test_a_sweep_over_any_key_gives_each_value_its_own_run(tmp_path):
     sweep = tmp_path / "sweep"
     proc = rtl("train", "-m", *ONE, "train.lr=1e-3,1e-2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
@@ -70,6 +71,7 @@ def copy_of(finished, tmp_path):
     return run
 
 
+@pytest.mark.slow
 def test_resume_with_changed_settings_is_refused_and_nothing_is_recorded(finished, tmp_path):
     run = copy_of(finished, tmp_path)
     (run / "results.csv").unlink()  # as if killed after epoch 2: last.pt is there to resume from
@@ -87,6 +89,7 @@ def test_resume_with_changed_settings_is_refused_and_nothing_is_recorded(finishe
     assert not (run / "results.csv").exists()
 
 
+@pytest.mark.slow
 def test_force_with_a_typo_or_missing_data_leaves_the_finished_run_intact(finished, tmp_path):
     run = copy_of(finished, tmp_path)
     before = {k: v for k, v in snapshot(run).items() if k.parts[0] != ".hydra" and k.suffix != ".log"}
@@ -107,12 +110,14 @@ def test_force_with_a_typo_or_missing_data_leaves_the_finished_run_intact(finish
     ("train.seed=4294967296", "train.seed"), ("data.kind=csv", "data.kind"), ("model.tag=${oops}", "oops"),
     ("runtime.threads=100000", "runtime.threads"), ("model.cut=null", "model.cut"), ("+foo=1", "foo"),
 ])
+@pytest.mark.slow
 def test_bad_values_are_one_line_naming_the_key(tmp_path, override, key):
     proc = rtl("train", *ONE, override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert key in error_line(proc)
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+@pytest.mark.slow
 def test_a_bad_value_inside_a_sweep_fails_that_run_and_the_sweep_at_the_end(tmp_path):
     sweep = tmp_path / "sweep"
     proc = rtl("train", "-m", *ONE, "train.lr=-0.01,1e-3,nan", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
@@ -123,6 +128,7 @@ def test_a_bad_value_inside_a_sweep_fails_that_run_and_the_sweep_at_the_end(tmp_
     assert len(errors) == 2 and "train.lr=-0.01 is out of range" in errors[0] and "train.lr=nan" in errors[1]
 
 
+@pytest.mark.slow
 def test_a_sweep_job_sent_into_another_runs_folder_writes_nothing_there(finished, tmp_path):
     run = copy_of(finished, tmp_path)
     before = {k: v for k, v in snapshot(run).items() if k.parts[0] != ".hydra" and k.suffix != ".log"}
@@ -133,6 +139,7 @@ def test_a_sweep_job_sent_into_another_runs_folder_writes_nothing_there(finished
     assert not (run / "error.txt").exists()
 
 
+@pytest.mark.slow
 def test_mixed_precision_is_part_of_a_runs_identity(tmp_path):
     sweep = tmp_path / "sweep"
     proc = rtl("train", "-m", *ONE, "runtime.amp=off,bf16", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
@@ -140,6 +147,7 @@ def test_mixed_precision_is_part_of_a_runs_identity(tmp_path):
     assert sorted(pd.read_csv(p).precision[0] for p in sweep.rglob("results.csv")) == ["bf16", "fp32"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["empty", "garbage"])
 def test_a_damaged_results_file_of_a_finished_run_is_named(finished, tmp_path, damage):
     run = copy_of(finished, tmp_path)
@@ -148,6 +156,7 @@ def test_a_damaged_results_file_of_a_finished_run_is_named(finished, tmp_path, d
     assert "results.csv" in line and "runtime.force=true" in line
 
 
+@pytest.mark.slow
 def test_a_damaged_last_checkpoint_is_named_with_the_fix(finished, tmp_path):
     run = copy_of(finished, tmp_path)
     (run / "results.csv").unlink()
@@ -157,6 +166,7 @@ def test_a_damaged_last_checkpoint_is_named_with_the_fix(finished, tmp_path):
     assert f"{run / 'last.pt'} is damaged or incomplete" in line and "delete it to start this run over" in line
 
 
+@pytest.mark.slow
 def test_a_label_without_training_positives_stops_before_epoch_1(tmp_path):
     run = tmp_path / "run"
     proc = rtl("train", *ONE, "data.prevalence=0.0001", "data.test_prevalence=0.3", f"hydra.run.dir={run}",
@@ -166,6 +176,7 @@ def test_a_label_without_training_positives_stops_before_epoch_1(tmp_path):
     assert not (run / "metrics.csv").exists() and not (run / "last.pt").exists()
 
 
+@pytest.mark.slow
 def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -175,6 +186,7 @@ def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path):
     assert not (run / "metrics.csv").exists()
 
 
+@pytest.mark.slow
 def test_result_files_follow_the_umask(tmp_path):
     run = tmp_path / "run"
     proc = rtl("train", *ONE, f"hydra.run.dir={run}", cwd=tmp_path, umask=0o022)
@@ -191,6 +203,7 @@ def _can_mount_tmpfs() -> bool:
     return probe.returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unshare and tmpfs mounts (a private mount namespace)")
 def test_a_full_disk_gives_the_message_and_keeps_what_was_written(tmp_path):
     disk = tmp_path / "disk"
@@ -209,6 +222,7 @@ def test_a_full_disk_gives_the_message_and_keeps_what_was_written(tmp_path):
     assert ".tmp" not in proc.stdout  # no half-written temporary file left behind
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unshare and tmpfs mounts (a private mount namespace)")
 def test_a_full_disk_under_the_image_cache_gives_the_message(tmp_path):
     from datagen import make_csv

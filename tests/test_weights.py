@@ -59,7 +59,8 @@ def lite0_file() -> Path:
 
 
 def lite0_in_timm_names() -> dict[str, torch.Tensor]:
-    """The pip package's file, renamed in order onto timm's tf_efficientnet_lite0 keys."""
+    """The pip package's file, renamed in order onto timm's tf_efficientnet_lite0 keys: a check independent of
+    rtl's by-name rename map (this file happens to list its tensors in timm's order)."""
     raw = torch.load(lite0_file(), map_location="cpu", weights_only=True)
     names = list(timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict())
     assert len(raw) == len(names) == 296

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
+from hydra.errors import HydraException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
@@ -66,15 +66,26 @@ def _hydra_message(err: Exception) -> str:
                 if not option.startswith("base_"):  # the schemas (config.py) are not choices
                     choices.append(option)
             return f"{lines[0]}; {ln.rstrip(':').lower()}: {', '.join(choices)}"
-    if any("LexerNoViableAltException" in ln or "no viable alternative" in ln for ln in lines):
-        return (f"{lines[0]}: a value with a space or one of ()[]{{}}:=,'\" must be quoted for Hydra inside the "
-                "shell's quotes, e.g. 'data.csv=\"/data/my images.csv\"'")
+    if isinstance(err, OverrideParseException):
+        return _override_message(err)
     key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "")
     cause = next((ln for ln in lines if ln.startswith(("Key '", "Value '", "Invalid value"))), "")
     if key and cause:
         return f"{key}: {cause}" + (_where_key_applies(key) if cause.startswith("Key") else
                                     " (the types and choices of every key: rethink_tl/config.py)")
     return lines[0] if lines else type(err).__name__
+
+
+def _override_message(err: OverrideParseException) -> str:
+    """An override Hydra cannot parse: most often a value the shell split at a space, or one holding Hydra's
+    own syntax (parentheses, brackets, commas)."""
+    override = str(err.override)
+    if "=" not in override:
+        return (f"{override!r} is not an override (KEY=VALUE): a value with a space must be quoted, e.g. "
+                "'data.csv=/data/my images.csv'")
+    detail = str(err).strip().splitlines()[0]
+    return (f"{override}: {detail}; a value holding ()[]{{}}:=,'\" must be quoted for Hydra inside the shell's "
+            "quotes, e.g. 'data.csv=\"/data/my (1).csv\"'")
 
 
 def _where_key_applies(key: str) -> str:
@@ -121,7 +132,6 @@ def errors_to_exit(where: str, catch_user_errors: bool = True) -> Iterator[None]
 # --- the Hydra commands: train, pretrain, bench, bench-pretrain ----------------------------------------
 
 _RUN_DIR = "hydra.run.dir=... (or hydra.sweep.dir=... for -m)"
-
 _SWEEP_FAILURES: list[str] = []
 
 
@@ -349,7 +359,8 @@ def _report(argv: list[str]) -> None:
                         "its experiment design only; default: the experiment the runs were made with, if any "
                         "(fig2 needs no runs: DIR is where it goes)")
     parser.add_argument("--out", metavar="OUT", help="write tables and figure here (default: DIR)")
-    parser.add_argument("--note", default="", help="a line added under the figure title, e.g. what a profile stands in for")
+    parser.add_argument("--note", default="", help="a line added under the figure title, e.g. what a profile stands "
+                        "in for")
     parser.add_argument("--metric", default=",".join(DEFAULT_METRICS), metavar="M[,M]",
                         help=f"the metrics of the tables and of the figure's rows of panels, comma-separated, from "
                         f"{', '.join(METRICS)} (auprc: average precision; auprc_trapz: the trapezoid PR area, as the "
@@ -514,7 +525,8 @@ def _list_weights(rows: list[dict[str, Any]], home: Path) -> None:
 
 COMMANDS = {c.name: c for c in (
     Command("train", "rtl train [OVERRIDES]        one run, e.g. rtl train model=dens_t1 init=pretrained; -m: a "
-            "sweep, e.g. rtl train -m model=dens_t1,dens_f init=random,pretrained", _hydra_command("train", _train, _train_keys),
+            "sweep, e.g. rtl train -m model=dens_t1,dens_f init=random,pretrained",
+            _hydra_command("train", _train, _train_keys),
             _RUN_DIR),
     Command("data", "rtl data [OVERRIDES]         the split a run would train on (rule, images, class balance), no "
             "image read", _data, _RUN_DIR),
@@ -533,7 +545,8 @@ COMMANDS = {c.name: c for c in (
             "pretrain model=cbr_small data.root=/data/imagenet; installs the weights for init=pretrained",
             _hydra_command("pretrain", _pretrain, _pretrain_keys), _RUN_DIR),
     Command("bench-pretrain", "rtl bench-pretrain [OVERRIDES]  images/s of the pretraining input pipeline, a "
-            "plain loader, the model step and the whole loop", _hydra_command("bench-pretrain", _bench_pretrain), _RUN_DIR),
+            "plain loader, the model step and the whole loop", _hydra_command("bench-pretrain", _bench_pretrain),
+            _RUN_DIR),
     Command("weights", "rtl weights list|install RUN_DIR [--replace]|remove MODEL|check MODELS   the weights rtl "
             "pretrain installed", _weights, "RTL_WEIGHTS=DIR"),
 )}

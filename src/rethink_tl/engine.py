@@ -174,7 +174,8 @@ def restore_rng(state: dict[str, Any], device: torch.device) -> None:
 
 # --- optimiser and loss -----------------------------------------------------------------------------
 
-def make_optimizer(model: torch.nn.Module, tc) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.ReduceLROnPlateau]:
+def make_optimizer(model: torch.nn.Module, tc) -> tuple[torch.optim.Optimizer,
+                                                     torch.optim.lr_scheduler.ReduceLROnPlateau]:
     """Adam, and a scheduler that multiplies the lr by ``lr_factor`` when validation AUPRC stops rising.
 
     On a GPU the fused Adam kernel: besides being faster, it lets fp16's GradScaler skip a step on

@@ -148,9 +148,9 @@ class TrainState:
                             "runtime.force=true")
         stored_sha = state.get("weights_sha256", "")
         if stored_sha and self.weights_sha256 and stored_sha != self.weights_sha256:
-            raise UserError(f"{source} started from {self.weights} with sha256 {stored_sha[:12]}, but that file now has "
-                            f"sha256 {self.weights_sha256[:12]} (replaced since): restore the old file, or start over "
-                            "with runtime.force=true")
+            raise UserError(f"{source} started from {self.weights} with sha256 {stored_sha[:12]}, but that file "
+                            f"now has sha256 {self.weights_sha256[:12]} (replaced since): restore the old file, or "
+                            "start over with runtime.force=true")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

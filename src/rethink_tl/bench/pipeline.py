@@ -130,7 +130,8 @@ def plain_loader(cfg, index, device, workers: int, batches: int, mean, std) -> f
     except Exception as err:  # noqa: BLE001  (a worker's error arrives re-raised, with its traceback as text)
         first = str(err).strip().splitlines()
         reason = next((ln for ln in reversed(first) if ln.strip()), type(err).__name__)
-        raise UserError(f"the plain torchvision loader could not read an image of {index.root}/train: {reason}") from None
+        raise UserError(f"the plain torchvision loader could not read an image of {index.root}/train: "
+                        f"{reason}") from None
 
 
 def model_alone(cfg, num_classes: int, device, precision, warmup: int, steps: int) -> float:

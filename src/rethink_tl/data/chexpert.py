@@ -28,7 +28,7 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import UserError
-from . import register_dataset
+from .registry import register_dataset
 from .base import DataBundle, SplitPlan
 from .splits import patient_split, split_groups
 from .tables import assemble, check_splits, parse_labels, read_table, require_columns

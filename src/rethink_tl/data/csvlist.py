@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UserError
-from . import register_dataset
+from .registry import register_dataset
 from .base import DataBundle, SplitPlan
 from .splits import patient_split, prospective_split, split_groups
 from .tables import assemble, check_splits, label_values, parse_labels, read_table, require_columns

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from . import register_dataset
+from .registry import register_dataset
 from .base import DataBundle, Split, SplitPlan
 
 log = logging.getLogger(__name__)

@@ -144,6 +144,9 @@ class _Lungs:
 
 def _render_anatomy(rng: _Rng, noise: _Rng, g: _Grid) -> tuple[np.ndarray, _Lungs]:
     """Label-independent scene in density units (roughly 0 = air, 1 = bone)."""
+    # Longer than 80 lines on purpose: a linear recipe, one structure after the other (body, spine, ribs,
+    # lungs, heart, diaphragm), each drawing from the same generators in a fixed order. Split into pieces, the
+    # order of the draws (which fixes every generated image) would hide across functions.
     x, y = g.x, g.y
     ax_ = np.abs(x)
     u = rng.uniform

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from . import register_dataset
+from .registry import register_dataset
 from .base import SPLIT_NAMES, DataBundle, Split, SplitPlan
 from .renderer import LABELS, finding_masks, generate_labels, generate_split
 

@@ -195,8 +195,8 @@ def tl_vs_ri(summary: pd.DataFrame, models: list[str] | None, note: str, metrics
     models = ordered(summary["model"], models)
     inits = _inits(summary)
     width = max(6.5, 1.0 + len(fractions) * (1.5 + 0.55 * len(models)))
-    fig, axes = plt.subplots(len(metrics), len(fractions), figsize=(width, 1.0 + 3.5 * len(metrics)), squeeze=False, sharey="row",
-                             layout="constrained")
+    fig, axes = plt.subplots(len(metrics), len(fractions), figsize=(width, 1.0 + 3.5 * len(metrics)), squeeze=False,
+                             sharey="row", layout="constrained")
     for i, (metric, name) in enumerate(_named(metrics)):
         lows, highs = [], []
         for j, fraction in enumerate(fractions):
@@ -321,8 +321,9 @@ def fig6(summary: pd.DataFrame, models: list[str] | None = None, note: str = "",
     fractions = sorted(tl["fraction"].unique())
     levels = [1, 2, 3, 4]
     lines = {"Truncated TL (Dens-T1..T3)": ("dens_t", "o", "C0"), "Transfusion (Dens-S1..S3)": ("dens_s", "s", "C3")}
-    fig, axes = plt.subplots(len(metrics), len(fractions), figsize=(1.5 + 4.2 * len(fractions), 0.5 + 3.5 * len(metrics)),
-                             squeeze=False, sharey="row", layout="constrained")
+    size = (1.5 + 4.2 * len(fractions), 0.5 + 3.5 * len(metrics))
+    fig, axes = plt.subplots(len(metrics), len(fractions), figsize=size, squeeze=False, sharey="row",
+                             layout="constrained")
     for j, fraction in enumerate(fractions):
         sub = tl[tl["fraction"] == fraction].set_index("model")
         for i, (metric, name) in enumerate(_named(metrics)):
@@ -350,8 +351,8 @@ def fig7(summary: pd.DataFrame, models: list[str] | None = None, note: str = "",
     params = tl.groupby("model")["params"].first()
     ticks = {m: f"{pretty(m)} ({params[m] / 1e6:.1f}M)" for m in models}
     colors = list(plt.get_cmap("Blues")(np.linspace(0.35, 0.9, len(fractions))))
-    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(8.0, 2.0 + 0.5 * len(models) * len(fractions)), 1.0 + 3.5 * len(metrics)),
-                             squeeze=False, layout="constrained")
+    size = (max(8.0, 2.0 + 0.5 * len(models) * len(fractions)), 1.0 + 3.5 * len(metrics))
+    fig, axes = plt.subplots(len(metrics), 1, figsize=size, squeeze=False, layout="constrained")
     for i, (metric, name) in enumerate(_named(metrics)):
         frames = []
         for stat in ("mean", "std"):

@@ -41,7 +41,8 @@ from .results import (CELL, ERROR_FILE, EXTERNAL_MARK, GROUP, PROVENANCE, RESULT
                       BrokenRun, Run, is_metric, label_names, read_run, run_dirs)
 from .stats import MAX_RESAMPLES, RESAMPLES, SEED
 
-SUMMARY_FILE, SUMMARY_MD, COMPARISONS_FILE, EXTERNAL_TABLE = rf.SUMMARY, rf.SUMMARY_MD, rf.COMPARISONS, rf.EXTERNAL_TABLE
+SUMMARY_FILE, SUMMARY_MD = rf.SUMMARY, rf.SUMMARY_MD
+COMPARISONS_FILE, EXTERNAL_TABLE = rf.COMPARISONS, rf.EXTERNAL_TABLE
 SHOW = 10  # problem runs named on the terminal; summary.md names them all
 # Old results columns -> the identity key they stand for, so old and new runs label alike.
 LEGACY_KEYS = {"epochs": "train.epochs", "image_size": "data.image_size", "lr": "train.lr",
@@ -608,7 +609,8 @@ def markdown_external(external: pd.DataFrame) -> str:
     head = "| trained on | scored on | model | init | fraction | n | images | test AUROC | test AUPRC |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for _, r in external.iterrows():
-        cells = [_fmt(r.get(f"test_{m}_mean", np.nan), r.get(f"test_{m}_std", np.nan), r.get(f"test_{m}_ci_low", np.nan),
+        cells = [_fmt(r.get(f"test_{m}_mean", np.nan), r.get(f"test_{m}_std", np.nan),
+                      r.get(f"test_{m}_ci_low", np.nan),
                       r.get(f"test_{m}_ci_high", np.nan)) for m in ("auroc", "auprc")]
         n_test = "-" if pd.isna(r.get("n_test", np.nan)) else f"{int(r['n_test'])}"
         lines.append(f"| {r.trained_on} | {r.dataset} | {r.model} | {r.init} | {r.fraction:g} | {r.n} | {n_test} | "

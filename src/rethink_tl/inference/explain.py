@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import runfiles as rf
 from ..atomic_io import write_bytes
 from ..data import Split, build_data, finding_masks
 from ..errors import UserError
@@ -165,7 +166,7 @@ def _rebuild_test(run) -> Split:
     """The run's test split, rebuilt from its config; refused when it is not the data the run saw."""
     expected = str(run.row.get("data_fingerprint") or "")
     if not expected or expected == "nan":
-        raise UserError(f"{run.path / 'results.csv'} records no data_fingerprint: the rebuilt images cannot be "
+        raise UserError(f"{run.path / rf.RESULTS} records no data_fingerprint: the rebuilt images cannot be "
                         "checked against the run's; run it again with runtime.force=true")
     bundle = build_data(run.cfg.data, train_seed=int(run.cfg.train.seed))
     if bundle.whole_fingerprint != expected:

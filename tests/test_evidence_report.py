@@ -180,6 +180,7 @@ def macro(test_auroc):
     return out
 
 
+@pytest.mark.slow
 def test_cli_report_leaves_out_broken_runs_names_them_and_exits_2(tmp_path):
     root = tmp_path / "runs"
     six = {"train.epochs": 6}
@@ -232,6 +233,7 @@ def test_cli_report_leaves_out_broken_runs_names_them_and_exits_2(tmp_path):
     assert "1 failed (error.txt)" in md
 
 
+@pytest.mark.slow
 def test_cli_report_refuses_a_figure_of_mixed_settings_but_writes_the_tables(tmp_path):
     rng = np.random.default_rng(3)
     plan = design("fig7")

@@ -177,6 +177,7 @@ def test_bad_input_is_one_line_and_exit_2(args, fragment, run, hospital, no_best
     assert not (run / "external" / "synthetic").exists() and not (run / "external" / "none").exists()
 
 
+@pytest.mark.slow
 def test_installed_command_fails_cleanly(run, tmp_path):
     rtl_cmd = shutil.which("rtl") or os.path.join(os.path.dirname(sys.executable), "rtl")
     proc = subprocess.run([rtl_cmd, "evaluate", str(run), "model=dens_f"], cwd=tmp_path, capture_output=True,

@@ -26,6 +26,7 @@ def rtl(*args, cwd):
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_bench_pretrain_writes_one_row_of_positive_rates(tmp_path):
     out = tmp_path / "run"
     proc = rtl(*SMALL, f"hydra.run.dir={out}", cwd=tmp_path)
@@ -53,6 +54,7 @@ def test_bench_pretrain_writes_one_row_of_positive_rates(tmp_path):
     assert len(list((out / "images" / "train").glob("*/*.JPEG"))) == 48
 
 
+@pytest.mark.slow
 def test_bench_pretrain_on_a_folder_without_train_is_a_user_error(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -63,6 +65,7 @@ def test_bench_pretrain_on_a_folder_without_train_is_a_user_error(tmp_path):
     assert "train/" in lines[0] and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_bench_pretrain_keys_are_typed(tmp_path):
     proc = rtl("bench.images=abc", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr

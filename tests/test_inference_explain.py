@@ -237,6 +237,7 @@ def test_bad_input_is_one_line_exit_2(run_dir, tmp_path, capsys, make, words):
     assert not (tmp_path / "run" / "explain").exists()
 
 
+@pytest.mark.slow
 def test_unknown_run_dir_in_a_subprocess(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rethink_tl.cli", "explain", str(tmp_path / "nope")],
                           capture_output=True, text=True, timeout=120)

@@ -155,6 +155,7 @@ def test_channels_auto_follows_what_training_resolved(run, images, tmp_path, cap
     assert "wrote 1 rows" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_installed_command_names_the_bad_file(run, tmp_path):
     (tmp_path / "x.png").write_text("text, not pixels")
     rtl_cmd = shutil.which("rtl") or os.path.join(os.path.dirname(sys.executable), "rtl")

@@ -11,7 +11,7 @@ from matplotlib.container import BarContainer, ErrorbarContainer
 from rethink_tl.evidence import figures
 from rethink_tl.errors import UserError
 from rethink_tl.evidence.report import design, gather, summarise
-from test_report import metric_values, write_run
+from test_evidence_report import metric_values, write_run
 
 
 def fabricated_summary(tmp_path, figure, seeds=(0, 1, 2), values=None):
@@ -40,6 +40,7 @@ def assert_readable(fig):
             assert ax.get_ylabel(), ax.get_title()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("figure", ["fig3", "fig4", "fig5", "fig6", "fig7", "claims"])
 def test_every_figure_draws_with_error_bars(tmp_path, figure):
     summary, plan = fabricated_summary(tmp_path, figure)

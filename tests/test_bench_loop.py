@@ -27,6 +27,7 @@ def bench_cfg(*overrides):
         return compose(config_name="bench", overrides=[*TINY_BENCH, *overrides])
 
 
+@pytest.mark.slow
 def test_bench_reports_the_three_loops(tmp_path):
     out = tmp_path / "bench"
     proc = rtl("bench", *TINY_BENCH, f"hydra.run.dir={out}", cwd=tmp_path)
@@ -45,6 +46,7 @@ def test_bench_reports_the_three_loops(tmp_path):
     assert "(b) rtl train loop" in proc.stdout and "b/a =" in proc.stdout and "peak GB" in proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_refuses_a_size_too_small(tmp_path):
     proc = rtl("bench", "model=cbr_small", "data.image_size=64", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
     assert proc.returncode == 2 and "at least 121 px" in proc.stderr and "Traceback" not in proc.stderr
@@ -126,6 +128,7 @@ def counting_loader(clock):
     (0, 1, 2),  # nothing prefetched: bench.warmup, then bench.steps
     (1, 1 + 2, 4),  # 1 worker x prefetch 2: the warm-up drains 2 more, the timed part is twice the depth
 ])
+@pytest.mark.slow
 def test_naive_loop_times_exactly_its_timed_batches(monkeypatch, tmp_path, workers, warmup_batches, timed_batches):
     clock = Clock()
     monkeypatch.setattr(bench, "time", clock)
@@ -159,6 +162,7 @@ def test_fp32_is_named_as_it_runs():
 
 # --- scripts/gpu_check.py -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_gpu_check_says_it_needs_a_gpu():
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py")], capture_output=True, text=True,
@@ -202,6 +206,7 @@ class FakeSyncDebug:
         return read
 
 
+@pytest.mark.slow
 def test_gpu_check_sync_check_arms_over_the_steps_only(monkeypatch):
     gpu_check = load_gpu_check()
     fake = FakeSyncDebug(monkeypatch, gpu_check.SYNC_MESSAGE)
@@ -212,6 +217,7 @@ def test_gpu_check_sync_check_arms_over_the_steps_only(monkeypatch):
     assert fake.mode == 0
 
 
+@pytest.mark.slow
 def test_gpu_check_sync_check_finds_a_sync_per_step(monkeypatch):
     from rethink_tl import engine
 

@@ -8,7 +8,7 @@ import pytest
 
 from rethink_tl.errors import UserError
 from rethink_tl.evidence.results import BrokenRun, label_names, read_run, run_dirs
-from test_report import macro, write_run
+from test_evidence_report import macro, write_run
 
 
 def test_label_names_from_results_and_summary_columns():
