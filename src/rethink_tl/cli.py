@@ -132,8 +132,6 @@ def errors_to_exit(where: str, catch_user_errors: bool = True) -> Iterator[None]
 # --- the Hydra commands: train, pretrain, bench, bench-pretrain ----------------------------------------
 
 _RUN_DIR = "hydra.run.dir=... (or hydra.sweep.dir=... for -m)"
-_SWEEP_FAILURES: list[str] = []
-
 
 def _forget_refused(out_dir: str) -> None:
     """A single run refused before it wrote anything leaves no folder of its own behind: when the folder holds
@@ -164,11 +162,12 @@ def _forget_refused(out_dir: str) -> None:
 
 
 def _job(run, cfg: DictConfig, what: str) -> Any:
-    """Run one job of ``rtl train`` / ``rtl pretrain`` (``run(cfg, out_dir)``). A signal ends it with 128 + N; a
-    user error ends a single run with one line, and in a sweep is noted in the run's error.txt, the sweep
-    going on and failing at the end."""
+    """Run one job of ``rtl train`` / ``rtl pretrain`` (``run(cfg, out_dir)``): a single run, or one job of a
+    sweep (``_sweep_job``)."""
     hc = HydraConfig.get()
     out_dir = hc.runtime.output_dir
+    if hc.mode == RunMode.MULTIRUN:
+        return _sweep_job(run, cfg, what, hc)
     try:
         with errors_to_exit(_RUN_DIR, catch_user_errors=False):  # inside the job, or Hydra adds its own lines
             return run(cfg, out_dir)
@@ -176,16 +175,102 @@ def _job(run, cfg: DictConfig, what: str) -> Any:
         print(f"rtl: {err}", file=sys.stderr)
         sys.exit(128 + err.signum)  # the shell convention for "ended by signal N"
     except UserError as err:
-        if hc.mode != RunMode.MULTIRUN:
-            if not isinstance(err, NotYourRun):
-                _forget_refused(out_dir)
-            fail(str(err))
-        # One bad setting must not cancel the rest of a long sweep: note it, go on, fail at the end.
-        logging.getLogger("rtl").error("%s %s failed: %s", what, out_dir, err)
-        if not isinstance(err, NotYourRun) and os.path.isdir(out_dir):  # that folder holds another run: leave it
-            (Path(out_dir) / rf.ERROR).write_text(f"{err}\n")
-        _SWEEP_FAILURES.append(f"{out_dir}: {str(err).splitlines()[0]}")
+        if not isinstance(err, NotYourRun):
+            _forget_refused(out_dir)
+        fail(str(err))
+
+
+def _parallel_jobs(hc) -> int:
+    """How many jobs the launcher runs at once on this machine (joblib's n_jobs; 1 for the basic launcher)."""
+    n = hc.launcher.get("n_jobs") if "n_jobs" in hc.launcher else None
+    if n is None:
+        return 1
+    n = int(n)
+    return n if n > 0 else max(1, (os.cpu_count() or 1) + 1 + n)  # joblib: -1 = every core, -2 = all but one
+
+
+def _sweep_job(run, cfg: DictConfig, what: str, hc) -> Any:
+    """One job of a sweep. Whatever becomes of it is recorded for the command that started the sweep
+    (sweeps.py): a user error fails this run only (error.txt, the sweep goes on and fails at the end), a bug or
+    running out of memory is a crash (traceback in the job's log), a signal saves and stops it. In a worker
+    process, the job also stops, saved, when the sweep is interrupted or its command dies; and trains on a device
+    slot of its own (distributed.claim_device)."""
+    from . import sweeps
+
+    worker = sweeps.in_worker()
+    try:
+        result = _recorded_job(run, cfg, what, hc, worker)
+    finally:
+        sweeps.job_done()
+    if worker and sweeps.parent_gone():
+        sweeps.leave_orphaned()  # nobody is left to hand the result to: the worker would wait on its pipe for ever
+    return result
+
+
+def _recorded_job(run, cfg: DictConfig, what: str, hc, worker: bool) -> Any:
+    from . import sweeps
+    from .distributed import claim_device
+    from .preempt import ask_to_stop
+
+    log = logging.getLogger("rtl")
+    out_dir = hc.runtime.output_dir
+    record = sweeps.JobRecord.open(hc.sweep.dir, int(hc.job.num), out_dir, list(hc.overrides.task))
+    if record is not None and record.sweep_interrupted:
+        record.end("interrupted", "the sweep was interrupted before this run started: run the same command again")
         return None
+    if worker:
+        sweeps.watch_parent(ask_to_stop, record.path.parent / sweeps.INTERRUPTED_MARK if record is not None else None)
+    claim = None
+    if what == "run":
+        parallel = _parallel_jobs(hc)
+        if parallel > 1 or worker:
+            claim = claim_device(str(cfg.runtime.device), int(cfg.runtime.threads), int(cfg.runtime.jobs_per_device),
+                                 parallel, log=log)
+            cfg.runtime.device, cfg.runtime.threads = claim.device, claim.threads
+            log.info("%s: device %s%s, %s CPU threads", out_dir, claim.device,
+                     f" (slot {claim.slot})" if claim.slot else "", claim.threads or "torch's default")
+    try:
+        result = run(cfg, out_dir)
+    except Interrupted as err:
+        _end(record, "interrupted", str(err))
+        if worker:
+            return None  # the command that started the sweep says it, once, for every job
+        print(f"rtl: {err}", file=sys.stderr)
+        sys.exit(128 + err.signum)
+    except UserError as err:
+        # One bad setting must not cancel the rest of a long sweep: note it, go on, fail at the end.
+        log.error("%s %s failed: %s", what, out_dir, err)
+        if not isinstance(err, NotYourRun) and os.path.isdir(out_dir):  # that folder holds another run: leave it
+            with contextlib.suppress(OSError):
+                (Path(out_dir) / rf.ERROR).write_text(f"{err}\n")
+        _end(record, "failed", str(err).splitlines()[0])
+        return None
+    except OSError as err:  # a folder or disk it cannot write: this run fails, as on a user error
+        at = f" {err.filename}" if err.filename else ""
+        log.error("%s %s failed: cannot write%s: %s", what, out_dir, at, err.strerror or err)
+        _end(record, "failed", f"cannot write{at}: {err.strerror or err}")
+        return None
+    except (Exception, MemoryError) as err:  # a bug, or out of memory: this job crashed, the others go on
+        log.exception("%s %s crashed", what, out_dir)
+        reason = "out of memory" if isinstance(err, MemoryError) else f"{type(err).__name__}: {err}".splitlines()[0]
+        _end(record, "crashed", f"{reason} (the traceback is in the job's log)")
+        return None
+    finally:
+        if claim is not None:
+            claim.release()
+    _end(record, "finished", value=None if result is None else _objective(what, result))
+    return result
+
+
+def _objective(what: str, result: dict[str, Any]) -> float:
+    """What a job returns to Hydra's sweeper (Optuna's objective): rtl train's best validation macro AUPRC,
+    never a test metric; rtl pretrain's validation top-1."""
+    return float(result["val_auprc"] if what == "run" else result["val_top1"])
+
+
+def _end(record, status: str, reason: str = "", value: Any = None) -> None:
+    if record is not None:
+        record.end(status, reason, value)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -193,7 +278,7 @@ def _train(cfg: DictConfig) -> float:
     from .train import run
 
     row = _job(run, cfg, "run")
-    return float("nan") if row is None else float(row["test_auprc"])
+    return float("nan") if row is None else _objective("run", row)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="pretrain")
@@ -204,7 +289,7 @@ def _pretrain(cfg: DictConfig) -> float:
     if process_rank() != 0:  # one process speaks for a distributed run; the others only warn
         logging.getLogger().setLevel(logging.WARNING)
     meta = _job(run, cfg, "pretraining")
-    return float("nan") if meta is None else float(meta["val_top1"])
+    return float("nan") if meta is None else _objective("pretraining", meta)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="bench")
@@ -264,14 +349,54 @@ def _hydra_command(name: str, main: Callable[[], Any], rewrite: Callable[[list[s
         sys.argv = [f"rtl-{name}", *(rewrite(args) if rewrite else args)]
         # Let Hydra's own errors reach us, so they end as one message rather than a partial traceback.
         os.environ["HYDRA_FULL_ERROR"] = "1"
-        main()
-        if _SWEEP_FAILURES:
-            n = len(_SWEEP_FAILURES)
-            shown = "\n  ".join(_SWEEP_FAILURES[:10]) + ("\n  ..." if n > 10 else "")
-            raise UserError(f"{n} run(s) of the sweep failed (the others finished; each failed run's error.txt says "
-                            f"why, except where its folder holds another run):\n  {shown}")
+        if not any(a in ("-m", "--multirun") for a in args):
+            main()
+            return
+        _sweep(main)
 
     return run
+
+
+def _sweep(main: Callable[[], Any]) -> None:
+    """A sweep, whatever launches its jobs: at the end, every job's record is read (sweeps.py), and a run that
+    failed, crashed or was interrupted makes the command fail, naming each with its reason."""
+    from . import sweeps
+
+    sweep = sweeps.begin()
+    launcher_error: BaseException | None = None
+    try:
+        main()
+    except (UserError, HydraException, OmegaConfBaseException):
+        raise
+    except KeyboardInterrupt:  # the second Ctrl-C: the launcher stopped its workers where they were
+        sweeps.end()
+        result = sweeps.outcome(sweep)
+        fail(f"the sweep was abandoned (Ctrl-C twice): its running jobs were stopped unsaved; each run resumes from "
+             f"its last save when the same command is run again ({len(result.of('finished'))} of "
+             f"{len(result.records)} started run(s) had finished)", 130)
+    except Exception as err:  # noqa: BLE001  (a launcher's report of a job that died, e.g. submitit's)
+        launcher_error = err
+    finally:
+        sweeps.end()
+    result = sweeps.outcome(sweep)
+    problems = result.problems()
+    if launcher_error is not None:
+        if not problems and sweep.records is None:
+            raise launcher_error  # the sweep never started: not a job's doing
+        problems.append(f"the launcher reported: {type(launcher_error).__name__}: "
+                        f"{str(launcher_error).strip().splitlines()[0] if str(launcher_error).strip() else ''}")
+    if launcher_error is not None and not result.records:
+        raise UserError(f"the launcher failed before any run of the sweep started: {problems[-1].split(': ', 1)[1]}")
+    if not problems:
+        return
+    n, total = len(problems), len(result.records)
+    shown = "\n  ".join(problems[:20]) + ("\n  ..." if n > 20 else "")
+    interrupted = len(result.of("interrupted"))
+    if interrupted and interrupted == n:
+        fail(f"the sweep was interrupted: {interrupted} of {total} run(s) stopped, saved; run the same command "
+             f"again to resume them:\n  {shown}", 130)
+    raise UserError(f"{n} of {total} run(s) of the sweep did not finish (the others did; a failed run's "
+                    f"{rf.ERROR} says why):\n  {shown}")
 
 
 # --- rtl data ----------------------------------------------------------------------------------------------

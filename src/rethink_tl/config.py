@@ -244,6 +244,9 @@ class RuntimeConfig(ExecutionConfig):
     """rtl train's runtime."""
 
     data_on_device: float = 0.5  # keep uint8 images on the GPU when they fit in this share of free memory
+    # A parallel local sweep (hydra/launcher=joblib): jobs per GPU at once with runtime.device=auto (small models
+    # leave a GPU idle between their steps; two or more on one GPU fill it).
+    jobs_per_device: int = 1
 
 
 @dataclass
@@ -371,7 +374,7 @@ RANGES = {
     "train.min_lr": _between(0, 10), "train.rotate_degrees": _between(0, 180),
     "train.scale_jitter": _between(0, 1, hi_open=True),
     "runtime.threads": _between(0, 1024), "runtime.data_on_device": _between(0, 1),
-    "runtime.eval_batch_size": _between(1, 1_000_000),
+    "runtime.eval_batch_size": _between(1, 1_000_000), "runtime.jobs_per_device": _between(1, 64),
     "data.image_size": _between(8, 4096), "data.fraction": _between(0, 1, lo_open=True),
     "data.subset_seed": _between(0, SEED_MAX), "data.seed": _between(0, SEED_MAX // 3),
     "data.num_samples": _between(3, 10_000_000), "data.val_share": _between(0, 1, True, True),

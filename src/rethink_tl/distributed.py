@@ -1,4 +1,5 @@
-"""Processes of a data-parallel run: which one this is, and the few collective operations the loops need.
+"""Processes of a data-parallel run: which one this is, and the few collective operations the loops need; and the
+device pool of a parallel local sweep, in which each job trains on a device slot no other job holds.
 
 torchrun (RANK, WORLD_SIZE, ... in the environment) or a SLURM job with one task per GPU (through submitit)
 starts the processes; nothing here starts one. Alone, a process is rank 0 of 1 and every operation is the
@@ -9,7 +10,10 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +22,7 @@ import torch.distributed as dist
 from .errors import NotYourRun, UserError
 from .identity import process_rank
 
-__all__ = ["Processes", "process_rank"]
+__all__ = ["DeviceClaim", "Processes", "claim_device", "lock_dir", "process_rank"]
 
 
 @dataclass
@@ -104,3 +108,73 @@ class Processes:
     def end(self) -> None:
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+# --- the device pool of a parallel local sweep ---------------------------------------------------------------
+
+def lock_dir() -> Path:
+    """Where the device slots' lock files live: $RTL_DEVICE_LOCKS, else a folder of this user's in the machine's
+    temporary folder (the locks are about this machine's devices, so never on a shared file system)."""
+    if os.environ.get("RTL_DEVICE_LOCKS"):
+        return Path(os.environ["RTL_DEVICE_LOCKS"])
+    return Path(tempfile.gettempdir()) / f"rtl-devices-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+
+
+def _gpu_names() -> list[str]:
+    """A name per visible GPU that is the same whatever CUDA_VISIBLE_DEVICES renumbers (its UUID where torch
+    gives it)."""
+    names = []
+    for i in range(torch.cuda.device_count()):
+        uuid = getattr(torch.cuda.get_device_properties(i), "uuid", None)
+        names.append(f"gpu-{uuid}" if uuid else f"cuda{i}")
+    return names
+
+
+@dataclass
+class DeviceClaim:
+    """A slot of one device held for a job's life (``release`` on any exit; the kernel frees the lock file of a
+    killed process), and the CPU threads the job may use."""
+
+    device: str  # runtime.device for the job: cuda:N, or cpu
+    threads: int  # runtime.threads for the job (0: torch's default)
+    slot: str = ""  # the lock file's name, for messages
+    lock: Any = None
+
+    def release(self) -> None:
+        if self.lock is not None and self.lock.is_locked:
+            self.lock.release()
+
+
+def claim_device(device: str, threads: int, jobs_per_device: int, parallel_jobs: int,
+                 wait_seconds: float = 1.0, log=None) -> DeviceClaim:
+    """The device and threads of one job of a sweep that runs ``parallel_jobs`` at once on this machine.
+
+    With ``device=auto`` and GPUs: the first free slot of ``jobs_per_device`` per GPU (a lock file each, held
+    until ``release``); when every slot is taken the job waits for one. On a CPU-only machine the cores are
+    split: ``threads`` = cores // parallel_jobs unless given. Any other ``device`` (cpu, cuda:N) is the user's
+    choice and is kept."""
+    from filelock import FileLock, Timeout
+
+    cores = os.cpu_count() or 1
+    if device != "auto" or not torch.cuda.is_available():
+        share = threads or (max(1, cores // max(parallel_jobs, 1)) if parallel_jobs > 1 else 0)
+        return DeviceClaim("cpu" if device == "auto" else device, share)
+    names = _gpu_names()
+    folder = lock_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    slots = [(i, f"{name}-slot{k}") for k in range(max(jobs_per_device, 1)) for i, name in enumerate(names)]
+    share = threads or max(1, cores // max(min(parallel_jobs, len(slots)), 1))
+    said = False
+    while True:
+        for index, slot in slots:  # slot 0 of every GPU first: jobs spread over the GPUs before they share one
+            lock = FileLock(str(folder / f"{slot}.lock"))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue
+            return DeviceClaim(f"cuda:{index}", share, slot, lock)
+        if not said and log is not None:
+            log.info("every device slot is taken (%d GPU(s) x runtime.jobs_per_device=%d): waiting for one",
+                     len(names), jobs_per_device)
+            said = True
+        time.sleep(wait_seconds)

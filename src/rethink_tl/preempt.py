@@ -27,8 +27,19 @@ class Interrupted(UserError):
         self.signum = signum
 
 
+# A stop asked for by this process itself rather than by a signal (the sweep it belongs to was interrupted, or
+# the command that started it died): every GracefulStop, present and future, sees it.
+_ASKED: list[str] = []
+
+
+def ask_to_stop(reason: str) -> None:
+    """Stop this process's training at the next step boundary, saved, as if signalled (thread-safe)."""
+    if not _ASKED:
+        _ASKED.append(reason)
+
+
 class GracefulStop:
-    """Context manager: ``stop.requested`` turns true when one of SIGNALS arrives."""
+    """Context manager: ``stop.requested`` turns true when one of SIGNALS arrives (or ``ask_to_stop`` is called)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -36,6 +47,8 @@ class GracefulStop:
 
     @property
     def requested(self) -> bool:
+        if self.signum is None and _ASKED:
+            self.signum = signal.SIGTERM
         return self.signum is not None
 
     def _handler(self, signum, frame) -> None:
@@ -58,6 +71,8 @@ class GracefulStop:
         Returns True when that handler returned (it wants the run to go on, as submitit's TERM
         bypass does); False when there was none, so the caller should stop.
         """
+        if _ASKED:  # not a signal of the launcher's: nothing to hand on, the run stops
+            return False
         signum, self.signum = self.signum, None
         previous = self._previous.get(signum)
         if callable(previous) and previous is not signal.default_int_handler:
@@ -67,6 +82,8 @@ class GracefulStop:
         return False
 
     def name(self) -> str:
+        if _ASKED:
+            return _ASKED[0]
         return signal.Signals(self.signum).name if self.signum is not None else ""
 
 

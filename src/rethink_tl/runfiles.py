@@ -31,6 +31,9 @@ WEIGHTS = "weights.pth"
 WEIGHTS_META = "weights.json"
 PRETRAIN_HISTORY = "pretrain.csv"
 
+# A sweep's record of its jobs, under hydra.sweep.dir: <SWEEP_RECORDS>/<invocation>/<job number>.json.
+SWEEP_RECORDS = ".rtl_jobs"
+
 EXTERNAL_DIR = "external"
 EXTERNAL_MARK = "external.json"
 
