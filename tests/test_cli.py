@@ -122,7 +122,7 @@ def test_a_failing_setting_does_not_cancel_the_rest_of_a_sweep(tmp_path):
     # cbr_small refuses 32 px images; trunc runs. The sweep finishes trunc, then reports the failure.
     proc = rtl("train", "-m", *TINY_DATA, "model=cbr_small,trunc", "train.epochs=1", f"hydra.sweep.dir={sweep}",
                cwd=tmp_path)
-    assert_user_error(proc, "1 run(s) of the sweep failed", "at least 121 px")
+    assert_user_error(proc, "1 of 2 run(s) of the sweep did not finish", "at least 121 px")
     assert proc.returncode == 2
     assert len(list(sweep.rglob("results.csv"))) == 1
     (error,) = sweep.rglob("error.txt")
@@ -147,6 +147,14 @@ def test_unknown_model_in_weights_check_is_an_error(capsys):
 
     line = fails_in_one_line(capsys, ["weights", "check", "cbr_small,nosuchmodel"])
     assert "unknown model 'nosuchmodel'" in line and "cbr_small" in line
+
+
+def test_weights_check_knows_the_named_truncations(capsys):
+    from rethink_tl.cli import main
+
+    main(["weights", "check", "lite0_t2,cbr_small"])  # conf/model/lite0_t2.yaml: trunc, lite0, cut 2
+    err = capsys.readouterr().err
+    assert "TL runs of trunc-tf_efficientnet_lite0-cut2, cbr_small skipped: no weights installed" in err, err
 
 
 def test_a_refused_run_leaves_no_folder_behind(tmp_path, capsys):

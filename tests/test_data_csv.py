@@ -37,6 +37,18 @@ def test_label_columns_found_without_reading_images(csv, tmp_path):
         dataset_labels(data_cfg(only_meta))
 
 
+def test_a_label_column_with_a_typo_is_refused_not_dropped(csv, tmp_path):
+    table = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    table.loc[6, "opacity"] = "2"  # one of its 23 filled cells: a typo in a label column, not a column of other data
+    typo = tmp_path / "typo.csv"
+    table.to_csv(typo, index=False)
+    with pytest.raises(UserError, match=r"column 'opacity' holds 1/0/-1/blank in 22 of its 23 filled rows but not in "
+                                        r"1: row 7 \(line 8\) opacity='2'; correct those cells, or name the label "
+                                        r"columns with data.labels"):
+        dataset_labels(data_cfg(typo))
+    assert dataset_labels(data_cfg(typo, "data.labels=[covid]")) == ["covid"]  # left out when asked to
+
+
 def test_prospective_split(csv):
     data = build_data(data_cfg(csv, "data.cutoff_date=2020-03-21"))
     # Images 0..19 are dated before 2020-03-21 (patients p00..p09); val = ceil(0.2 * 10) = 2

@@ -122,7 +122,7 @@ def test_a_bad_value_inside_a_sweep_fails_that_run_and_the_sweep_at_the_end(tmp_
     sweep = tmp_path / "sweep"
     proc = rtl("train", "-m", *ONE, "train.lr=-0.01,1e-3,nan", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     line = error_line(proc)
-    assert "2 run(s) of the sweep failed" in line
+    assert "2 of 3 run(s) of the sweep did not finish" in line
     assert len(list(sweep.rglob("results.csv"))) == 1
     errors = sorted(p.read_text() for p in sweep.rglob("error.txt"))
     assert len(errors) == 2 and "train.lr=-0.01 is out of range" in errors[0] and "train.lr=nan" in errors[1]
@@ -134,7 +134,7 @@ def test_a_sweep_job_sent_into_another_runs_folder_writes_nothing_there(finished
     before = {k: v for k, v in snapshot(run).items() if k.parts[0] != ".hydra" and k.suffix != ".log"}
     proc = rtl("train", "-m", *TINY, "train.epochs=2", "train.lr=1e-2", f"hydra.sweep.dir={run.parent}",
                f"hydra.sweep.subdir={run.name}", cwd=tmp_path)
-    assert "1 run(s) of the sweep failed" in error_line(proc)
+    assert "1 of 1 run(s) of the sweep did not finish" in error_line(proc)
     assert {k: v for k, v in snapshot(run).items() if k.parts[0] != ".hydra" and k.suffix != ".log"} == before
     assert not (run / "error.txt").exists()
 

@@ -177,3 +177,11 @@ def test_squeeze_excite_keys_map_onto_timm_efficientnet_b0():
         "_blocks.5._project_conv.weight": "blocks.3.0.conv_pwl.weight",
     }
     assert set(mapping.values()) <= set(b0.state_dict())
+
+
+def test_a_file_that_is_not_a_state_dict_says_so(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("these are not weights\n")
+    with pytest.raises(UserError, match=r"could not read weights file .*notes\.pt: it is not a torch file \(torch\.save "
+                                        r"of a state dict\) \(\w+Error: .*\); pass init\.weights=PATH"):
+        apply_init(build_model({"name": "timm", "backbone": LITE0}, 2), {"name": "pretrained", "weights": str(path)})

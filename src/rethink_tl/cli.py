@@ -23,7 +23,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, OverrideParseException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import __version__, conf, runfiles as rf  # noqa: F401  (conf: the schemas and rtl.* resolvers)
@@ -589,11 +589,26 @@ def _slot_name(name: str) -> str:
     except UserError:
         if name.startswith(("timm-", "trunc-")) or (weights_home() / name).is_dir():
             return name
+        named = _model_preset(name)  # model=lite0_t2: trunc with its backbone and cut set
+        if named is not None:
+            return weights_slot(named)
         raise
     if canonical in ("timm", "trunc"):
         raise UserError(f"{name} needs its backbone: name its installed folder, e.g. {canonical}-resnet18"
                         + ("-cut2" if canonical == "trunc" else "") + " (rtl weights list shows them)")
     return weights_slot({"name": canonical})
+
+
+def _model_preset(name: str) -> dict[str, Any] | None:
+    """The backbone and cut a model config (conf/model/NAME.yaml) fixes for a timm model, or None."""
+    import importlib.resources
+
+    path = importlib.resources.files("rethink_tl").joinpath("conf", "model", f"{name}.yaml")
+    if not path.is_file():
+        return None
+    preset = OmegaConf.to_container(OmegaConf.load(str(path)))
+    keys = {"name", "backbone"} | ({"cut"} if preset.get("name") == "trunc" else set())
+    return preset if isinstance(preset, dict) and keys <= set(preset) else None
 
 
 def _weights(argv: list[str]) -> None:

@@ -51,6 +51,10 @@ def _columns(cfg: Mapping, df: pd.DataFrame) -> tuple[str, str | None, str]:
     return path_col, (str(patient_col) if patient_col is not None else None), str(cfg.date_column)
 
 
+# A column whose cells are labels but for at most this share is taken for a label column with typos.
+NEAR_LABEL_SHARE = 0.05
+
+
 def csv_labels(cfg: Mapping, df: pd.DataFrame | None = None) -> list[str]:
     """``data.labels`` as given, or every column (other than path, patient and date) whose values are
     all 1 / 0 / -1 / blank. Reads the CSV only, never an image."""
@@ -70,7 +74,15 @@ def csv_labels(cfg: Mapping, df: pd.DataFrame | None = None) -> list[str]:
         if col in reserved:
             continue
         _, bad = label_values(df, col)
-        (ignored if bad.any() or df[col].str.strip().eq("").all() else labels).append(col)
+        filled = ~df[col].str.strip().eq("").to_numpy()
+        if bad.any() and bad.sum() <= NEAR_LABEL_SHARE * filled.sum():
+            # Nearly all its cells are labels: a typo, not a column of other data. Leaving it out would
+            # train on fewer labels than the CSV holds, silently.
+            raise UserError(f"{path}: column {col!r} holds 1/0/-1/blank in {int(filled.sum() - bad.sum())} of its "
+                            f"{int(filled.sum())} filled rows but not in {int(bad.sum())}: "
+                            f"{_rows(df, np.flatnonzero(bad), col)}; correct those cells, or name the label columns "
+                            "with data.labels=[...] to leave it out")
+        (ignored if bad.any() or not filled.any() else labels).append(col)
     if ignored:
         log.info("data.csv: columns %s hold values other than 1/0/-1/blank and are not labels", ignored)
     if not labels:

@@ -193,7 +193,9 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UserError(f"could not read weights file {path}: {err}") from err
+        kind = "a safetensors file" if path.suffix == ".safetensors" else "a torch file (torch.save of a state dict)"
+        raise UserError(f"could not read weights file {path}: it is not {kind} ({type(err).__name__}: {err}); "
+                        "pass init.weights=PATH to a state dict of the model's architecture") from err
     return _normalise_keys(raw, str(path))
 
 
