@@ -44,6 +44,9 @@ def main(argv: list[str]) -> int:
     best = summary.sort_values("val_auprc_mean", ascending=False, kind="stable").iloc[0]
     grid_winner = (best["model"], best["init"])
 
+    if not (args.advise / "advice.csv").is_file():
+        print(f"{args.advise}: no advice.csv: run rtl advise to the end first", file=sys.stderr)
+        return 2
     advice = pd.read_csv(args.advise / "advice.csv")
     chosen = advice[advice["recommended"]].iloc[0]
     advise_winner = (chosen["model"], chosen["init"])
