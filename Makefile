@@ -13,7 +13,12 @@ DEMO_ARGS ?= data=synthetic data.image_size=64 data.num_samples=6000 data.fracti
              train.epochs=20 train.lr=3e-4 train.batch_size=32 runtime.progress=false \
              hydra.sweep.dir=$(DEMO_DIR)
 
-.PHONY: help install demo test test-fast clean claims
+.PHONY: help install demo test test-fast clean claims advise
+
+# rtl advise on the demo's data: EfficientNet-Lite0 cut after stages 1-4 and whole, TL and RI, 3 seeds, 27 epochs.
+ADVISE_DIR  ?= advise_runs
+ADVISE_ARGS ?= data=synthetic data.image_size=64 data.num_samples=6000 data.fraction=0.1 train.epochs=27 \
+               train.lr=3e-4 train.batch_size=32 runtime.progress=false hydra.sweep.dir=$(ADVISE_DIR)
 
 help:
 	@echo "make demo    TL vs RI on the embedded synthetic data with real EfficientNet-Lite0 weights (CPU, < 10 min)"
@@ -23,6 +28,7 @@ help:
 	@echo "make fig2    toy ROC/PR curves of classifiers A and B (paper Fig. 2), no training"
 	@echo "make fig3 ... fig7 [COVID_CSV=... CHEXPERT_ROOT=... CBR_WEIGHTS=...]   sweep + report of one paper figure"
 	@echo "make figures PROFILE=smoke   every figure end to end on synthetic data, offline (2-core CPU: about 12 min)"
+	@echo "make advise  rtl advise on the embedded data: Lite0 cuts 1-4 and whole x TL/RI x 3 seeds, 27 epochs (CPU)"
 	@echo "make claims  claims 2 and 3 in miniature: EfficientNet-Lite0 RI vs TL, whole vs truncated, 3 seeds (CPU)"
 	@echo "make pretrain-cbr IMAGENET=DIR   ImageNet pretraining of the four CBR nets, installed for init=pretrained"
 
@@ -45,8 +51,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
+advise: $(STAMP)
+	$(RTL) advise advise.backbone=tf_efficientnet_lite0 'advise.cuts=[1,2,3,4,whole]' $(ADVISE_ARGS)
+
 clean:
-	rm -rf runs multirun outputs demo_runs bench_runs claims pretrain_runs pretrain_multirun
+	rm -rf runs multirun outputs demo_runs advise_runs advise bench_runs claims pretrain_runs pretrain_multirun
 
 # The paper's claims 2 (TL beats RI with little data) and 3 (a truncated network matches or beats the
 # whole one) in miniature, offline: real ImageNet weights (EfficientNet-Lite0), 5 % of the synthetic

@@ -207,3 +207,22 @@ def test_signal_is_handed_on_to_an_earlier_handler(tmp_path, reference, requeue,
     else:
         assert proc.returncode == 0 and (run_dir / "results.csv").exists()
     assert_same_as_reference(run_dir, reference)
+
+
+@pytest.mark.slow
+def test_a_run_paused_at_stop_after_goes_on_to_the_same_results(tmp_path, reference):
+    """runtime.stop_after (rtl advise's rungs) pauses after that epoch with nothing scored, and the same command
+    without it (or with a larger one) continues from last.pt to exactly the uninterrupted run's numbers."""
+    proc = start(tmp_path, extra=["runtime.stop_after=2"])
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert "paused after epoch 2 of 5" in out + err
+    assert rows(tmp_path) == 2 and (tmp_path / "last.pt").exists()
+    assert not (tmp_path / "results.csv").exists() and not (tmp_path / "predictions.csv.gz").exists()
+    again = start(tmp_path, extra=["runtime.stop_after=2"])  # the same rung again: nothing to train
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0 and rows(tmp_path) == 2, err
+    proc = start(tmp_path, extra=["runtime.stop_after=4"])
+    assert proc.wait(timeout=600) == 0 and rows(tmp_path) == 4
+    finish(tmp_path)
+    assert_same_as_reference(tmp_path, reference)

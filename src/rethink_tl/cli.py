@@ -258,7 +258,8 @@ def _recorded_job(run, cfg: DictConfig, what: str, hc, worker: bool) -> Any:
     finally:
         if claim is not None:
             claim.release()
-    _end(record, "finished", value=None if result is None else _objective(what, result))
+    status = "paused" if isinstance(result, dict) and result.get("paused") else "finished"  # runtime.stop_after
+    _end(record, status, value=None if result is None else _objective(what, result))
     return result
 
 
@@ -514,6 +515,22 @@ def _report(argv: list[str]) -> None:
              EXIT_INCOMPLETE)
 
 
+# --- rtl advise -----------------------------------------------------------------------------------------
+
+def _advise(argv: list[str]) -> None:
+    from .advise import USAGE, advise
+    from .preempt import Interrupted
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return
+    try:
+        done = advise(argv)
+    except Interrupted as err:
+        fail(str(err), 128 + err.signum)
+    print(done.text, end="")
+
+
 # --- rtl evaluate | predict | explain ------------------------------------------------------------------
 
 def _evaluate(argv: list[str]) -> None:
@@ -673,6 +690,9 @@ COMMANDS = {c.name: c for c in (
     Command("report", "rtl report DIR               every run below DIR -> DIR/summary.csv and summary.md with 95% "
             "bootstrap intervals and paired comparisons; --figure figN, --metric, --compare A B, --out DIR",
             _report, "--out"),
+    Command("advise", "rtl advise [OVERRIDES]       which candidate to keep and whether ImageNet init helps, by "
+            "successive halving on val AUPRC (advise.models=[...] or advise.backbone=NAME; advise.eta, advise.seeds)",
+            _advise, "hydra.sweep.dir=..."),
     Command("evaluate", "rtl evaluate RUN_DIR [OVERRIDES] [--map M=D]   score a finished run (or a sweep) on "
             "another dataset: RUN_DIR/external/<name>/", _evaluate, "a RUN_DIR you may write to"),
     Command("predict", "rtl predict RUN_DIR IMAGES   per-label probabilities for a folder or CSV of images",

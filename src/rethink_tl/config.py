@@ -247,6 +247,9 @@ class RuntimeConfig(ExecutionConfig):
     # A parallel local sweep (hydra/launcher=joblib): jobs per GPU at once with runtime.device=auto (small models
     # leave a GPU idle between their steps; two or more on one GPU fill it).
     jobs_per_device: int = 1
+    # Pause after this epoch (0: never): last.pt and metrics.csv are kept and the run continues, exactly, when it is
+    # run again with a larger value or without it. Not part of the run's identity: rtl advise's rungs use it.
+    stop_after: int = 0
 
 
 @dataclass
@@ -375,6 +378,7 @@ RANGES = {
     "train.scale_jitter": _between(0, 1, hi_open=True),
     "runtime.threads": _between(0, 1024), "runtime.data_on_device": _between(0, 1),
     "runtime.eval_batch_size": _between(1, 1_000_000), "runtime.jobs_per_device": _between(1, 64),
+    "runtime.stop_after": _between(0),
     "data.image_size": _between(8, 4096), "data.fraction": _between(0, 1, lo_open=True),
     "data.subset_seed": _between(0, SEED_MAX), "data.seed": _between(0, SEED_MAX // 3),
     "data.num_samples": _between(3, 10_000_000), "data.val_share": _between(0, 1, True, True),

@@ -6,8 +6,8 @@ submitit starts on this machine or on SLURM nodes. What they hand back to the pa
 dies (killed, out of memory, its node lost) hands back nothing at all. So every job writes, under the sweep
 folder (shared with the nodes: the runs go there too),
 
-    <hydra.sweep.dir>/.rtl_jobs/<invocation>/<job number>.json   {"status": running | finished | failed |
-                                                                  crashed | interrupted, "run_dir", "reason", ...}
+    <hydra.sweep.dir>/.rtl_jobs/<invocation>/<job number>.json   {"status": running | finished | paused |
+                                                                  failed | crashed | interrupted, "run_dir", "reason", ...}
 
 ``running`` when it starts, its outcome when it ends. A record still ``running`` when the sweep is over is a job
 whose process ended without saying how: it is reported as crashed. ``<invocation>`` is a fresh id per command
@@ -38,7 +38,7 @@ from . import atomic_io, runfiles as rf
 
 ENV_ID = "RTL_SWEEP_ID"
 ENV_PARENT = "RTL_SWEEP_PARENT"  # pid of the command that started the sweep
-STATUSES = ("running", "finished", "failed", "crashed", "interrupted")
+STATUSES = ("running", "finished", "paused", "failed", "crashed", "interrupted")  # paused: runtime.stop_after
 INTERRUPTED_MARK = "INTERRUPTED"  # in the invocation's folder: jobs that start after it give up at once
 
 

@@ -178,10 +178,12 @@ def _should_stop(tc, state: TrainState) -> bool:
     return False
 
 
-def fit(cfg: DictConfig, s: TrainSetup, state: TrainState, run_dir: RunDir) -> None:
+def fit(cfg: DictConfig, s: TrainSetup, state: TrainState, run_dir: RunDir) -> bool:
     """Train until train.epochs (or an optional early stop), saving last.pt every epoch and best.pt at
-    every better validation AUPRC. A signal ends the current step, saves, then stops (or hands on)."""
+    every better validation AUPRC. A signal ends the current step, saves, then stops (or hands on).
+    Returns True when the run paused at ``runtime.stop_after`` before its last epoch (nothing is scored then)."""
     tc, rc = cfg.train, cfg.runtime
+    paused = False
     last_path, best_path = run_dir.file(rf.LAST), run_dir.file(rf.BEST)
 
     def save_last() -> None:
@@ -194,6 +196,9 @@ def fit(cfg: DictConfig, s: TrainSetup, state: TrainState, run_dir: RunDir) -> N
     with GracefulStop() as stop:
         while state.progress.epoch <= tc.epochs and not _should_stop(tc, state):
             epoch = state.progress.epoch
+            if rc.stop_after and epoch > rc.stop_after and state.progress.step == 0:
+                paused = True
+                break
             t0 = time.perf_counter()
             lr = state.optimizer.param_groups[0]["lr"]
             done = train_one_epoch(s.step_model, s.data.train, s.train_batcher, state.optimizer, s.loss_fn,
@@ -232,6 +237,7 @@ def fit(cfg: DictConfig, s: TrainSetup, state: TrainState, run_dir: RunDir) -> N
             if stop.requested:  # arrived during evaluation: the epoch is saved, nothing to redo
                 stop_here(stop, f"stopped by {stop.name()} after epoch {epoch}; {again}", log)
     bar.close()
+    return paused
 
 
 # --- the results row --------------------------------------------------------------------------------
@@ -337,7 +343,8 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
                                                  "or use runtime.force=true"), last_path)
             log.info("resuming from %s at epoch %d step %d (best val AUPRC %.4f at epoch %d)", last_path,
                      state.progress.epoch, state.progress.step, state.best, state.best_epoch)
-        fit(cfg, s, state, run_dir)
+        if fit(cfg, s, state, run_dir):
+            return _paused(cfg, state, run_dir)
         row = score_best(cfg, s, state, settings, run_dir)
         atomic_io.write_csv(pd.DataFrame([row]), run_dir.file(rf.RESULTS))
     finally:
@@ -345,6 +352,18 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     log.info("test AUROC %.4f AUPRC %.4f (best val epoch %d) -> %s", row["test_auroc"], row["test_auprc"],
              row["best_epoch"], run_dir.file(rf.RESULTS))
     return row
+
+
+def _paused(cfg: DictConfig, state: TrainState, run_dir: RunDir) -> dict[str, Any]:
+    """A run paused at runtime.stop_after: its last.pt and metrics.csv (rewritten from last.pt's history, which a
+    kill between the two writes can leave one epoch ahead) are all it has; nothing is scored on test."""
+    run_dir.claim(cfg)
+    atomic_io.write_csv(pd.DataFrame(state.history), run_dir.file(rf.METRICS))
+    done = len(state.history)
+    log.info("%s: paused after epoch %d of %d (runtime.stop_after=%d; best val AUPRC %.4f at epoch %d): run it "
+             "again with a larger runtime.stop_after, or without it, to continue", run_dir.path, done,
+             int(cfg.train.epochs), int(cfg.runtime.stop_after), state.best, state.best_epoch)
+    return {"paused": True, "epochs_run": done, "val_auprc": state.best, "best_epoch": state.best_epoch}
 
 
 def _finished_row(cfg: DictConfig, run_dir: RunDir) -> dict[str, Any]:
