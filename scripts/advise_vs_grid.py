@@ -34,6 +34,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--resamples", type=int, default=2000)
     args = parser.parse_args(argv)
 
+    if not (args.advise / "advice.csv").is_file():
+        print(f"{args.advise}: no advice.csv: run rtl advise to the end first", file=sys.stderr)
+        return 2
     g = gather(args.grid)
     runs, _ = drop_duplicate_seeds(g.runs)
     if g.unfinished or g.failed:
@@ -44,9 +47,6 @@ def main(argv: list[str]) -> int:
     best = summary.sort_values("val_auprc_mean", ascending=False, kind="stable").iloc[0]
     grid_winner = (best["model"], best["init"])
 
-    if not (args.advise / "advice.csv").is_file():
-        print(f"{args.advise}: no advice.csv: run rtl advise to the end first", file=sys.stderr)
-        return 2
     advice = pd.read_csv(args.advise / "advice.csv")
     chosen = advice[advice["recommended"]].iloc[0]
     advise_winner = (chosen["model"], chosen["init"])
