@@ -65,6 +65,11 @@ def test_candidates_of_a_backbone_are_its_cuts_and_the_whole_network():
     (["advise.seeds=two"], "advise.seeds must be a whole number"),
     (["advise.colour=red"], "unknown key advise.colour"),
     (["data.image_size=-4"], "data.image_size=-4 is out of range"),
+    (["advise.backbone=tf_efficientnet_lite0", "advise.cuts=[3,whole,full]"],
+     "advise.cuts whole and advise.cuts full are one candidate"),
+    (["advise.resamples=0"], "advise.resamples=0 is out of range: it must be >= 100"),
+    (["advise.cuts=1,2", "advise.backbone=tf_efficientnet_lite0"], "a list is written in brackets, e.g. advise.cuts=[1,2]"),
+    (["advise.models=[dens_t1,res_f,resnet50]"], "advise.models res_f and advise.models resnet50 are one candidate"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_is_written(tmp_path, capsys, args, message):
     out = tmp_path / "adv"
@@ -220,3 +225,69 @@ def test_kill_9_during_a_rung_then_the_same_command_gives_the_same_advice(advise
     pd.testing.assert_frame_equal(pd.read_csv(out / "advice.csv"), pd.read_csv(advised[0] / "advice.csv"))
     assert (out / "advice.md").read_text().replace(str(out), "DIR") == \
         (advised[0] / "advice.md").read_text().replace(str(advised[0]), "DIR")
+
+
+def copy_of(advised, tmp_path) -> Path:
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(advised[0], out)
+    return out
+
+
+def winner_runs(out: Path) -> list[Path]:
+    table = pd.read_csv(out / "advice.csv")
+    w = table[table["recommended"]].iloc[0]
+    return [p for (tag, init, _), p in sorted(run_dirs(out).items()) if (tag, init) == (w["model"], w["init"])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["delete", "truncate", "garble"])
+def test_a_finished_run_whose_metrics_are_damaged_stops_advise(advised, tmp_path, damage):
+    """Ranked without its validation curve, the winner would drop to last and another be advised in silence."""
+    out = copy_of(advised, tmp_path)
+    before = (out / "advice.md").read_bytes()
+    metrics = winner_runs(out)[0] / "metrics.csv"
+    if damage == "delete":
+        metrics.unlink()
+    elif damage == "truncate":
+        metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[:-1]))  # the last epoch lost
+    else:
+        metrics.write_bytes(b"\x00\xff garbage\n")
+    again = subprocess.run(advise_cmd(out), capture_output=True, text=True, env=ENV, timeout=300)
+    assert again.returncode == 2, again.stderr[-2000:]
+    last = again.stderr.strip().splitlines()[-1]
+    assert last.startswith("rtl: error: advise cannot judge 1 run(s) whose files are damaged") and \
+        str(metrics.parent) in last, last
+    assert again.stdout == "" and (out / "advice.md").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_stops_advise_it_does_not_fail_the_candidate(advised, tmp_path):
+    out = copy_of(advised, tmp_path)
+    before = (out / "advice.csv").read_bytes()
+    run = winner_runs(out)[1]
+    (run / "results.csv").unlink()  # the run must go on from its last.pt...
+    (run / "last.pt").write_bytes(b"not a checkpoint")  # ...which is damaged
+    again = subprocess.run(advise_cmd(out), capture_output=True, text=True, env=ENV, timeout=300)
+    assert again.returncode == 2, again.stderr[-2000:]
+    last = again.stderr.strip().splitlines()[-1]
+    assert last.startswith("rtl: error: advise cannot judge 1 run(s) whose files are damaged") and \
+        "last.pt is damaged" in last, last
+    assert (out / "advice.csv").read_bytes() == before  # no advice without that candidate
+
+
+@pytest.mark.slow
+def test_a_term_signal_early_stops_advise_with_143_and_one_line(tmp_path):
+    out = tmp_path / "termed"
+    proc = subprocess.Popen(advise_cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 120
+    while not (out / A.STATE_DIR / "advise.lock").exists():  # composed and checked: now deciding what to train
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "Traceback" not in stderr and stdout == ""
+    assert stderr.strip().splitlines()[-1].startswith("rtl: error: rtl advise was "), stderr[-1000:]
+    assert not (out / "advice.md").exists()

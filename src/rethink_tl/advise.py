@@ -34,6 +34,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from . import atomic_io, runfiles as rf
 from .config import validate
 from .errors import UserError
+from .evidence.stats import MAX_RESAMPLES
 from .identity import setting_id
 
 # The paper's DenseNet ladder (Dens-T1/T2/T3 and the whole DenseNet121).
@@ -98,11 +100,12 @@ def _as_list(key: str, value: Any) -> list:
     raise UserError(f"{key} must be a list, e.g. {key}=[a,b], got {value!r}")
 
 
-def _as_int(key: str, value: Any, low: int) -> int:
+def _as_int(key: str, value: Any, low: int, high: Optional[int] = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise UserError(f"{key} must be a whole number, got {value!r}")
-    if value < low:
-        raise UserError(f"{key}={value} is out of range: it must be >= {low}")
+    if value < low or (high is not None and value > high):
+        raise UserError(f"{key}={value} is out of range: it must be >= {low}"
+                        + (f" and <= {high:,}" if high is not None else ""))
     return value
 
 
@@ -125,12 +128,17 @@ def parse(argv: list[str]) -> tuple[AdviseOptions, list[str]]:
         name = key.split(".", 1)[1]
         if name not in known:
             raise UserError(f"unknown key {key}; advise keys are: {', '.join('advise.' + k for k in known)}")
+        if o.is_sweep_override():
+            raise UserError(f"{o.input_line}: give one value (rtl advise runs its own sweeps); a list is written "
+                            f"in brackets, e.g. {key}=[1,2]")
         value = o.value()
         if name in ("models", "cuts", "inits"):
             value = _as_list(key, value)
         elif name in ("seeds", "eta", "min_epochs", "resamples"):
-            low = {"seeds": 1, "eta": 2, "min_epochs": 1, "resamples": 0}[name]
-            value = None if value is None and name == "min_epochs" else _as_int(key, value, low)
+            # The test comparisons are the advice's evidence: rtl report's bootstrap needs 100 resamples or more.
+            low, high = {"seeds": (1, None), "eta": (2, None), "min_epochs": (1, None),
+                         "resamples": (100, MAX_RESAMPLES)}[name]
+            value = None if value is None and name == "min_epochs" else _as_int(key, value, low, high)
         elif value is not None and not isinstance(value, str):
             raise UserError(f"{key} must be a name, got {value!r}")
         setattr(opts, name, value)
@@ -162,6 +170,7 @@ class Candidate:
     init: str
     tag: str = ""  # results.csv's model (model.tag), filled in when composed
     label: str = ""
+    given: str = ""  # how the user named it: the advise.models name or the advise.cuts value
 
     def key(self) -> tuple[str, str]:
         return self.tag, self.init
@@ -174,8 +183,8 @@ def _model_files() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _architectures(opts: AdviseOptions) -> list[tuple[str, dict[str, Any]]]:
-    """(model config, model keys) of every candidate architecture."""
+def _architectures(opts: AdviseOptions) -> list[tuple[str, dict[str, Any], str]]:
+    """(model config, model keys, the name the user gave) of every candidate architecture."""
     from .models import canonical_name
 
     if opts.backbone is not None and opts.models is not None:
@@ -194,15 +203,15 @@ def _architectures(opts: AdviseOptions) -> list[tuple[str, dict[str, Any]]]:
                 raise UserError(f"advise.models: {name} has no config (conf/model/{name}.yaml); models: "
                                 f"{', '.join(f for f in files if f not in ('timm', 'trunc'))}")
         _no_repeats("advise.models", models)
-        return [(str(m), {}) for m in models]
+        return [(str(m), {}, f"advise.models {m}") for m in models]
     stages = _stages(str(opts.backbone))
     cuts = list(range(stages)) + [WHOLE] if opts.cuts is None else opts.cuts
     out = []
     for cut in cuts:
         if cut in (WHOLE, "full"):
-            out.append(("timm", {"backbone": opts.backbone}))
+            out.append(("timm", {"backbone": opts.backbone}, f"advise.cuts {cut}"))
         elif isinstance(cut, int) and not isinstance(cut, bool) and 0 <= cut < stages:
-            out.append(("trunc", {"backbone": opts.backbone, "cut": cut}))
+            out.append(("trunc", {"backbone": opts.backbone, "cut": cut}, f"advise.cuts {cut}"))
         else:
             raise UserError(f"advise.cuts: {cut!r} is not a cut of {opts.backbone}: use stage numbers 0..{stages - 1} "
                             f"and {WHOLE} (the whole network)")
@@ -233,7 +242,7 @@ def candidates(opts: AdviseOptions) -> list[Candidate]:
         if init not in INITS:
             raise UserError(f"advise.inits: unknown init {init!r}; inits are: {', '.join(INITS)}")
     _no_repeats("advise.inits", inits)
-    out = [Candidate(group, keys, init) for group, keys in _architectures(opts) for init in inits]
+    out = [Candidate(group, keys, init, given=given) for group, keys, given in _architectures(opts) for init in inits]
     if len(out) < 2:
         raise UserError(f"rtl advise needs at least two candidates to choose from, got {len(out)}: give more "
                         "advise.models or advise.cuts, or both inits (advise.inits=[pretrained,random])")
@@ -360,23 +369,36 @@ class RunState:
     finished: bool
     epochs: int  # epochs recorded in metrics.csv (with last.pt)
     history: Optional[pd.DataFrame]
-    error: str = ""
+    error: str = ""  # the first line of error.txt: why the run failed
+    damaged: bool = False  # it failed on a damaged file of its own (last.pt...), not on its settings
+    unreadable: str = ""  # a finished run whose metrics.csv cannot say its validation AUPRC per epoch: why
+
+
+def _history(path: Path) -> tuple[Optional[pd.DataFrame], str]:
+    """metrics.csv, with epochs 1..n in order and a val_auprc column; (None, why) when it is not that."""
+    if not path.is_file():
+        return None, f"{path.name} is missing"
+    try:
+        h = pd.read_csv(path)
+    except (OSError, ValueError) as err:
+        return None, f"{path.name} cannot be read ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+    if "val_auprc" not in h.columns or "epoch" not in h.columns:
+        return None, f"{path.name} has no epoch / val_auprc columns"
+    epochs = pd.to_numeric(h["epoch"], errors="coerce")
+    if epochs.isna().any() or list(epochs.astype(int)) != list(range(1, len(h) + 1)):
+        return None, f"{path.name} does not hold epochs 1..{len(h)} in order"
+    return h, ""
 
 
 def read_state(spec: RunSpec) -> RunState:
     p = spec.path
-    error = ""
+    error, damaged = "", False
     if (p / rf.ERROR).is_file():
         with contextlib.suppress(OSError):
-            error = ((p / rf.ERROR).read_text(errors="replace").strip().splitlines() or ["(no reason given)"])[0]
-    history = None
-    if (p / rf.METRICS).is_file():
-        try:
-            history = pd.read_csv(p / rf.METRICS)
-            if "val_auprc" not in history.columns or "epoch" not in history.columns:
-                history = None
-        except (OSError, ValueError):
-            history = None  # rewritten from last.pt when the run goes on
+            lines = (p / rf.ERROR).read_text(errors="replace").strip().splitlines() or ["(no reason given)"]
+            error, damaged = lines[0], f"{rf.ERROR_KIND}{rf.KIND_DAMAGED}" in lines[1:]
+    # A paused run's metrics.csv is rewritten from its last.pt when it goes on; a finished run's is what it is.
+    history, why = _history(p / rf.METRICS)
     if (p / rf.IDENTITY).is_file():
         try:
             stored = json.loads((p / rf.IDENTITY).read_text()).get("setting_id")
@@ -387,7 +409,18 @@ def read_state(spec: RunSpec) -> RunState:
                             f"{spec.setting_id}): move it away, or give advise another folder (hydra.sweep.dir=...)")
     finished = (p / rf.RESULTS).is_file()
     epochs = len(history) if history is not None and ((p / rf.LAST).is_file() or finished) else 0
-    return RunState(finished, epochs, history, error)
+    unreadable = ""
+    if finished:
+        if history is None:
+            unreadable = why
+        else:
+            try:
+                ran = int(pd.read_csv(p / rf.RESULTS)["epochs_run"].iloc[0])
+            except (OSError, ValueError, KeyError, IndexError, TypeError):
+                ran = None
+            if ran is not None and ran != len(history):
+                unreadable = f"{rf.METRICS} holds {len(history)} epoch(s), {rf.RESULTS} says the run trained {ran}"
+    return RunState(finished, epochs, history, error, damaged, unreadable)
 
 
 def reached(state: RunState, rung: int, final: bool) -> bool:
@@ -438,26 +471,34 @@ def _wait_for_locks(specs: list[RunSpec]) -> None:
         lock.release()
 
 
-def launch(plan: Plan, specs: list[RunSpec], stop_after: int) -> int:
-    """One Hydra sweep of rtl train over ``specs`` with the user's launcher; its exit status."""
+def launch(plan: Plan, specs: list[RunSpec], stop_after: int) -> tuple[int, Optional[int]]:
+    """One Hydra sweep of rtl train over ``specs`` with the user's launcher: its exit status, and the signal
+    (INT, TERM) advise received while it ran, if any: advise stops after it then, whatever the sweep made of it."""
     cmd = [sys.executable, "-m", "rethink_tl", "train", "-m", *plan.overrides(),
            f"+{GROUP}={','.join(s.option for s in specs)}", f"runtime.stop_after={stop_after}"]
     # The sweep's log goes to stderr: advise's stdout is the advice alone.
-    child = subprocess.Popen(cmd, stdout=sys.stderr.fileno(),
-                             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    received: list[int] = []
 
     def forward(signum, frame):  # a scheduler's TERM to advise: the sweep saves and stops
+        received.append(signum)
         with contextlib.suppress(OSError):
             child.send_signal(signum)
 
-    # Ctrl-C reaches the sweep from the terminal by itself (its first one stops every job, saved); advise waits.
-    previous = {s: signal.signal(s, forward if s == signal.SIGTERM else (lambda *a: None))
-                for s in (signal.SIGINT, signal.SIGTERM)}
+    def note(signum, frame):  # Ctrl-C reaches the sweep from the terminal by itself (its first stops every job,
+        received.append(signum)  # saved); advise waits for it, then stops too
+
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, note), signal.SIGTERM: signal.signal(signal.SIGTERM, note)}
     try:
-        return child.wait()
+        child = subprocess.Popen(cmd, stdout=sys.stderr.fileno(),
+                                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        signal.signal(signal.SIGTERM, forward)
+        if signal.SIGTERM in received:  # it came before the sweep had started
+            forward(signal.SIGTERM, None)
+        code = child.wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    return code, (received[0] if received else None)
 
 
 @dataclass
@@ -489,17 +530,39 @@ def train_rung(plan: Plan, track: Track, arms: list[int], rung: int, final: bool
         what = "to the end" if final else f"to epoch {rung}"
         print(f"rtl advise: {len(todo)} run(s) of {len({s.candidate for s in todo})} candidate(s) {what} "
               f"({len(specs) - len(todo)} already there)", file=sys.stderr, flush=True)
-        code = launch(plan, todo, 0 if final else rung)
+        code, signum = launch(plan, todo, 0 if final else rung)
         track.launched.append((rung, len(todo)))
-    short = []
+        if signum is not None or code in (-signal.SIGINT, -signal.SIGTERM):
+            signum = signum if signum is not None else -code
+            raise Interrupted(signum, f"rtl advise was interrupted at the rung of {rung} epochs (every run keeps "
+                                      "what it trained): run the same command again to continue")
+    short, broken, errors = [], [], {}
     for s in specs:
         state = read_state(s)
-        if reached(state, rung, final):
+        if state.unreadable:
+            broken.append(f"{s.path}: {state.unreadable}")
+        elif reached(state, rung, final):
             continue
-        if state.error and s.candidate not in track.failed:
-            track.failed[s.candidate] = state.error
-        elif not state.error:
+        elif state.damaged:
+            broken.append(f"{s.path}: {state.error}")
+        elif state.error:
+            errors.setdefault(s.candidate, {})[s.seed] = state.error
+        else:
             short.append(str(s.path))
+    if broken:
+        raise UserError(f"advise cannot judge {len(broken)} run(s) whose files are damaged (it decides from every "
+                        f"seed's metrics.csv; a rung decided without one would not be the same advice): "
+                        f"{'; '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}. Restore the file, or move "
+                        "that run's folder away to train it again, then run the same command again")
+    for a, by_seed in errors.items():
+        reasons = set(by_seed.values())
+        if len(by_seed) == len(plan.seeds) and len(reasons) == 1:
+            track.failed[a] = reasons.pop()  # the candidate itself fails (its settings), whatever the seed
+        else:  # some seeds failed, or for other reasons: not a property of the candidate
+            seed, why = next(iter(by_seed.items()))
+            raise UserError(f"{plan.runs[a, seed].path} failed ({why}) while "
+                            f"{len(plan.seeds) - len(by_seed)} other seed(s) of {plan.arms[a].label} did not fail "
+                            "that way: fix what it says, then run the same command again")
     if short and code in (130, 128 + signal.SIGTERM):
         raise Interrupted(signal.SIGINT if code == 130 else signal.SIGTERM,
                           f"rtl advise was interrupted at the rung of {rung} epochs ({len(short)} run(s) short of "
@@ -511,8 +574,17 @@ def train_rung(plan: Plan, track: Track, arms: list[int], rung: int, final: bool
 
 
 def rung_score(plan: Plan, arm: int, rung: int) -> float:
-    values = [best_until(read_state(plan.runs[arm, s]), rung) for s in plan.seeds]
-    return float(sum(values) / len(values)) if values and not any(math.isnan(v) for v in values) else math.nan
+    """The mean over seeds of each run's best validation AUPRC in epochs 1..rung. A run that reached the rung
+    without a value to judge it by stops advise: ranking it last would change the advice without a word."""
+    values = []
+    for s in plan.seeds:
+        v = best_until(read_state(plan.runs[arm, s]), rung)
+        if math.isnan(v):
+            raise UserError(f"{plan.runs[arm, s].path}/{rf.METRICS} has no validation AUPRC up to epoch {rung}, so "
+                            f"{plan.arms[arm].label} cannot be ranked: restore the file, or move that run's folder "
+                            "away to train it again, then run the same command again")
+        values.append(v)
+    return float(sum(values) / len(values))
 
 
 def halve(plan: Plan, schedule: list[int]) -> Track:
@@ -524,6 +596,7 @@ def halve(plan: Plan, schedule: list[int]) -> Track:
         if len(alive) <= 1:
             break  # nothing left to choose between: the last one trains to the end below
         train_rung(plan, track, alive, rung, final=False)
+        _check_inits(plan, track)
         alive = [a for a in alive if a not in track.failed]
         scored = sorted(alive, key=lambda a: (-_orderable(rung_score(plan, a, rung)), a))
         kept = set(scored[:keep(len(alive), eta)])
@@ -542,6 +615,17 @@ def halve(plan: Plan, schedule: list[int]) -> Track:
         raise UserError("every finalist failed: " + "; ".join(f"{plan.arms[a].label}: {track.failed[a]}"
                                                                for a in alive))
     return track
+
+
+def _check_inits(plan: Plan, track: Track) -> None:
+    """Every candidate of one init failed (pretrained weights that cannot be found, say): advise cannot answer
+    whether that init helps, so it stops rather than advise the other one by default."""
+    for init in dict.fromkeys(c.init for c in plan.arms[:track.n_candidates]):
+        arms = [a for a in range(track.n_candidates) if plan.arms[a].init == init]
+        if len(arms) < track.n_candidates and all(a in track.failed for a in arms):
+            raise UserError(f"every candidate with init={init} failed, so advise cannot say whether it helps: "
+                            + "; ".join(f"{plan.arms[a].label}: {track.failed[a]}" for a in arms[:3])
+                            + f"{' ...' if len(arms) > 3 else ''}. Fix that, or leave {init} out of advise.inits")
 
 
 def _orderable(v: float) -> float:
@@ -781,8 +865,10 @@ def conclude(plan: Plan, track: Track) -> Advice:
     answer = sentence(plan, track, winner, ev)
     adv = table(plan, track, winner, ev)
     text = markdown(plan, track, adv, answer, spent, grid, ev.notes)
-    atomic_io.write_csv(adv, plan.dir / ADVICE_CSV)
+    # The figure first (the likeliest to fail: matplotlib, a full disk), advice.md last: a failed write leaves the
+    # three files of the last advice that was written whole, or new ones whose advice.md says so.
     figure(plan, track, winner, plan.dir / ADVICE_PNG)
+    atomic_io.write_csv(adv, plan.dir / ADVICE_CSV)
     atomic_io.write_bytes(plan.dir / ADVICE_MD, text.encode())
     return Advice(text, adv, winner, spent, grid)
 
@@ -806,9 +892,33 @@ def _advise_lock(folder: Path):
 
 def advise(argv: list[str]) -> Advice:
     """``rtl advise [OVERRIDES]``: check everything, halve, conclude."""
+    from .preempt import Interrupted
+
+    def stop(signum, frame):  # outside a rung's sweep (launch() handles the signals while one runs)
+        raise Interrupted(signum, "rtl advise was stopped between its sweeps; every run keeps what it trained: run "
+                                  "the same command again to continue")
+
+    if threading.current_thread() is not threading.main_thread():
+        return _advise(argv)
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _advise(argv)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _advise(argv: list[str]) -> Advice:
     opts, rest = parse(argv)
     plan = Plan(opts, rest, candidates(opts))
     plan.compose()
+    same: dict[str, list[Candidate]] = {}
+    for i in range(len(plan.arms)):
+        same.setdefault(plan.runs[i, 0].setting_id, []).append(plan.arms[i])
+    for twins in same.values():
+        if len(twins) > 1:
+            raise UserError(f"{' and '.join(c.given for c in twins)} are one candidate ({twins[0].tag}: the same "
+                            "settings, so the same runs): name each once")
     schedule = rungs(len(plan.arms), opts.eta, int(plan.base.train.epochs), opts.min_epochs)
     check_data(plan)
     with _advise_lock(plan.dir):

@@ -28,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import __version__, conf, runfiles as rf  # noqa: F401  (conf: the schemas and rtl.* resolvers)
 from .config import MOVED_TO_RUNTIME, RecipeConfig
-from .errors import NotYourRun, UserError
+from .errors import DamagedFile, NotYourRun, UserError
 from .preempt import Interrupted
 
 EXIT_USER_ERROR = 2
@@ -242,7 +242,8 @@ def _recorded_job(run, cfg: DictConfig, what: str, hc, worker: bool) -> Any:
         log.error("%s %s failed: %s", what, out_dir, err)
         if not isinstance(err, NotYourRun) and os.path.isdir(out_dir):  # that folder holds another run: leave it
             with contextlib.suppress(OSError):
-                (Path(out_dir) / rf.ERROR).write_text(f"{err}\n")
+                kind = f"{rf.ERROR_KIND}{rf.KIND_DAMAGED}\n" if isinstance(err, DamagedFile) else ""
+                (Path(out_dir) / rf.ERROR).write_text(f"{err}\n{kind}")
         _end(record, "failed", str(err).splitlines()[0])
         return None
     except OSError as err:  # a folder or disk it cannot write: this run fails, as on a user error

@@ -26,6 +26,9 @@ PREDICTIONS = "predictions.csv.gz"
 RESULTS = "results.csv"
 ERROR = "error.txt"
 LOCK = ".rtl.lock"
+# error.txt's first line says why; a later line "kind: damaged" marks a file of the run that cannot be read (its
+# last.pt, say): mended by the user, not a property of the run's settings.
+ERROR_KIND, KIND_DAMAGED = "kind: ", "damaged"
 
 WEIGHTS = "weights.pth"
 WEIGHTS_META = "weights.json"
