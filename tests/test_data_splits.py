@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rethink_tl.data.base import Split
-from rethink_tl.data.splits import patient_split, prospective_split, stratified_fraction
+from rethink_tl.data.splits import patient_split, prospective_split, split_groups, stratified_fraction
 from rethink_tl.errors import UserError
 
 
@@ -65,6 +65,15 @@ def test_patient_split_keeps_patients_whole():
         patient_split(np.array(["p0"] * 5), 0.2, 0.1, 0)
     with pytest.raises(UserError, match=r"data.test_share must be in \[0, 1\)"):
         patient_split(groups, 1.0, 0.1, 0)
+
+
+def test_images_without_a_patient_id_are_split_one_by_one():
+    groups = split_groups(np.array(["p1"] * 4 + [""] * 40 + ["p2"] * 4, dtype=object), "patient")
+    assert len(set(groups)) == 42
+    parts = patient_split(groups, 0.25, 0.0, seed=0)
+    blank_test = [r for r in parts["test"] if 4 <= r < 44]
+    assert 0 < len(blank_test) < 40  # the 40 blank-id images are 40 patients, not one on one side
+    assert len({tuple(groups[rows]) for rows in [parts["train"], parts["test"]]}) == 2
 
 
 def test_prospective_split_by_date():

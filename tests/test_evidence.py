@@ -73,6 +73,21 @@ def test_delong_against_a_hand_computed_case():
     assert result.p == pytest.approx(0.723674, abs=1e-6)
 
 
+def test_clustered_delong_counts_patients_as_obuchowski():
+    # Positives 0.9 0.6 (patient p1) and 0.4 (p2); negatives 0.5 (n1) and 0.3 (n2); B scores every image 0.5.
+    # A: V10 = 1, 1, 1/2, AUROC 5/6; V01 = 2/3, 1. Obuchowski (1997), per patient: V10 sums 2 and 1/2 less
+    # m_i A = 5/3 and 5/6: 1/3, -1/3; S10 = I10 / ((I10 - 1) M) x 2/9 = 2 / 3 x 2/9 = 4/27, over M = 3: 4/81.
+    # V01: 2/3 - 5/6, 1 - 5/6: squares 1/18; S01 = 2 / 2 x 1/18, over N = 2: 1/36. S11 = 0 (no patient has
+    # both). var = 4/81 + 1/36 = 25/324, se 5/18; B's terms are all 0 (AUROC 1/2, every V 1/2); z = (1/3)/(5/18).
+    # Counted in images (m/(m-1) = 3/2 for the positives) the variance would be 21/324: 0.84 of it.
+    y = np.array([[1], [1], [1], [0], [0]])
+    a = np.array([0.9, 0.6, 0.4, 0.5, 0.3])[:, None]
+    test = Holdout.of(y, np.ones((5, 1), bool), ["x"], ["p1", "p1", "p2", "n1", "n2"])
+    out = delong(test, [Scored("A", {0: a}), Scored("B", {0: np.full((5, 1), 0.5)})], 0, 1)
+    assert out.estimate == pytest.approx(1 / 3) and out.se == pytest.approx(5 / 18, abs=1e-12)
+    assert out.z == pytest.approx(1.2)
+
+
 def test_patients_are_resampled_whole():
     labels = np.array([[1], [0], [1], [0], [0], [1]])
     test = Holdout.of(labels, np.ones((6, 1), bool), ["x"], ["p1", "p1", "p2", "p2", "p3", "p3"])
@@ -83,6 +98,14 @@ def test_patients_are_resampled_whole():
     stat.values = lambda w: seen.append(w) or np.zeros((1, len(w)))
     stat(np.array([[0, 0, 2], [1, 2, 2]]))
     assert seen[0].tolist() == [[2, 2, 0, 0, 1, 1], [0, 0, 1, 1, 2, 2]]  # every image weighs its patient's count
+
+
+def test_an_image_with_a_blank_patient_id_is_a_patient_of_its_own():
+    """Not one giant patient of every image without an id (which a bootstrap would resample as one)."""
+    ids = ["p1", "p1", "", " ", None, float("nan"), "p2", "p3"]
+    test = Holdout.of(np.zeros((8, 1)), np.ones((8, 1), bool), ["x"], ids)
+    u = test.units.tolist()
+    assert test.n_units == 7 and u[0] == u[1] and len(set(u[2:])) == 6
 
 
 def test_too_few_positives_for_a_bootstrap_is_refused():
@@ -167,6 +190,9 @@ def test_report_writes_intervals_and_the_comparisons_table(sweep, tmp_path):
     assert set(comp["seeds"]) == {"0 1 2"} and set(comp["resamples"]) == {300} and set(comp["seed"]) == {7}
     assert comp[comp["metric"] == "auroc"]["p_delong"].between(0, 1).all()
     assert comp[comp["metric"] == "auprc"]["p_delong"].isna().all()
+    from rethink_tl.evidence.compare import holm
+    assert comp["p_holm"].to_numpy() == pytest.approx(holm(comp["p_bootstrap"].to_numpy()))  # the table's 6 tests
+    assert (comp["p_holm"] >= comp["p_bootstrap"]).all()
 
     # One interval, recomputed independently from the predictions files with the same seed.
     asked = comp[(comp["comparison"] == "asked") & (comp["metric"] == "auprc")].iloc[0]
@@ -282,6 +308,18 @@ def test_report_includes_external_results_and_leaves_out_stale_ones(sweep, tmp_p
     assert pd.read_csv(out / "external.csv").set_index(["model", "init"]).loc[(CUT0, "random"), "n"] == 2
 
 
+def test_holm_adjusts_a_family_of_p_values_step_down():
+    from rethink_tl.evidence.compare import holm
+
+    # Sorted: 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> 0.06 (never below the one
+    # before); NaN is not a test and does not count in k.
+    p = np.array([0.01, 0.04, 0.03, np.nan, 0.005])
+    out = holm(p)
+    assert out[[0, 1, 2, 4]] == pytest.approx([0.03, 0.06, 0.06, 0.02]) and np.isnan(out[3])
+    assert holm(np.array([0.5, 0.6])) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert len(holm(np.array([]))) == 0
+
+
 def test_tl_vs_ri_figure_marks_significant_differences(sweep, tmp_path):
     from rethink_tl.evidence import figures
     from rethink_tl.evidence.report import gather, summarise
@@ -298,7 +336,8 @@ def test_tl_vs_ri_figure_marks_significant_differences(sweep, tmp_path):
         figures._MARKS = pd.DataFrame()
     texts = {(i, t.get_text(), t.xy[0]) for i, ax in enumerate(fig.axes) for t in ax.texts}
     assert texts == {(1, "**", 1)}  # the AUPRC panel (second row), above the second model's bars
-    assert "paired bootstrap" in fig.texts[0].get_text() or any("paired bootstrap" in t.get_text() for t in fig.texts)
+    note = " ".join(" ".join(t.get_text() for t in fig.texts).split())  # wrapped to the figure's width
+    assert "paired bootstrap" in note and "uncorrected (p_bootstrap; 2 tests in comparisons.csv, p_holm" in note
 
 
 def test_compare_names_one_setting_of_an_lr_sweep(tmp_path, capsys):

@@ -145,3 +145,13 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+
+
+def own_unit_if_blank(patients) -> list:
+    """Patient ids with each blank one (empty, NaN, None) made an id of its own: an image whose patient is not
+    known is its own patient, never one giant patient of every such image."""
+    out = [*patients]
+    for i, p in enumerate(out):
+        if p is None or (isinstance(p, float) and p != p) or not str(p).strip():
+            out[i] = f"\0unknown patient, row {i}"  # \0: no id read from a file sorts or looks like it
+    return out

@@ -8,6 +8,7 @@ import pandas as pd
 from sklearn.model_selection import GroupShuffleSplit
 
 from ..errors import UserError
+from ..identity import own_unit_if_blank
 from .base import Split
 
 
@@ -77,7 +78,7 @@ def split_groups(patients, split_by: str) -> np.ndarray:
     on its own (``image``: the paper's random split, which puts one patient's images on both sides)."""
     if str(split_by) == "image":
         return np.array([f"row{i}" for i in range(len(patients))], dtype=object)
-    return np.asarray(patients, dtype=object)
+    return np.asarray(own_unit_if_blank(patients), dtype=object)
 
 
 def _holdout(groups: np.ndarray, share: float, seed: int, what: str) -> np.ndarray:

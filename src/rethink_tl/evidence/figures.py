@@ -213,7 +213,7 @@ def tl_vs_ri(summary: pd.DataFrame, models: list[str] | None, note: str, metrics
                     highs[-1] = max(highs[-1], top[x] + 0.02)
         _zoom(axes[i], lows, highs)
     legend_below(fig, axes[0, 0], "init")
-    stars_note = f"TL vs RI {STARS_NOTE}" if not _MARKS.empty else ""
+    stars_note = f"TL vs RI {stars_meaning()}" if not _MARKS.empty else ""
     return finish(fig, title, summary, "; ".join(x for x in (note, stars_note) if x))
 
 
@@ -247,7 +247,7 @@ def fig4(summary: pd.DataFrame, models: list[str] | None = None, note: str = "",
             if i < len(models) - 1:
                 axes[i, j].tick_params(labelbottom=False)
     legend_below(fig, axes[0, 0], "init")
-    stars_note = f"TL vs RI (macro mean) {STARS_NOTE}" if not _MARKS.empty else ""
+    stars_note = f"TL vs RI (macro mean) {stars_meaning()}" if not _MARKS.empty else ""
     return finish(fig, f"TL vs RI per label, {fraction_title(fraction)}", summary,
                   "; ".join(x for x in (note, stars_note) if x))
 
@@ -307,7 +307,7 @@ def fig5(summary: pd.DataFrame, models: list[str] | None = None, note: str = "",
     absent = [pretty(m) for m in (models or []) if m != REFERENCE and m not in rivals.index]
     note = "; ".join(x for x in (f"no finished runs of {', '.join(absent)}" if absent else "", note) if x)
     if not _MARKS.empty:
-        note = "; ".join(x for x in (note, f"Dens-T* vs DenseNet121 (macro mean) {STARS_NOTE}") if x)
+        note = "; ".join(x for x in (note, f"Dens-T* vs DenseNet121 (macro mean) {stars_meaning()}") if x)
     return finish(fig, f"{', '.join(legend)} vs DenseNet121, all TL, {fraction_title(fraction)}",
                   summary, note, spread_note="bars: 100 (mean / mean of DenseNet121 - 1); error bars: delta-method sd "
                   "of that ratio")
@@ -436,7 +436,12 @@ def _star(ax, x: float, top: float, mark: str) -> None:
         ax.annotate(mark, (x, top), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=11)
 
 
-STARS_NOTE = "* differ by a paired bootstrap over test images: * p<0.05, ** p<0.01, *** p<0.001"
+def stars_meaning() -> str:
+    """What the stars of the figure being drawn mean: which p, over which units, uncorrected."""
+    units = sorted({str(u).split(" ", 1)[-1] for u in _MARKS.get("units", pd.Series(dtype=str)).dropna()})
+    tests = int(_MARKS["p_bootstrap"].notna().sum()) if "p_bootstrap" in _MARKS else 0
+    return (f"* differ by a paired bootstrap over the test {' or '.join(units) or 'images'}: * p<0.05, ** p<0.01, "
+            f"*** p<0.001, uncorrected (p_bootstrap; {tests} tests in comparisons.csv, p_holm there corrects for them)")
 
 
 def _draw(name: str, summary: pd.DataFrame, out_dir: str | Path, models: list[str] | None = None,

@@ -125,7 +125,10 @@ class Holdout:
     def of(cls, labels: np.ndarray, mask: np.ndarray, label_names: Sequence[str],
            patients: Optional[Sequence[str]], where: str = "test split") -> "Holdout":
         if patients is not None:
-            _, units = np.unique(np.asarray(patients, dtype=object).astype(str), return_inverse=True)
+            from ..identity import own_unit_if_blank  # a blank id: a patient of its own
+
+            _, units = np.unique(np.asarray(own_unit_if_blank(patients), dtype=object).astype(str),
+                                 return_inverse=True)
             kind = "patients"
         else:
             units, kind = np.arange(len(labels)), "images"
@@ -269,9 +272,14 @@ class DeLong:
 def delong(test: Holdout, settings: list[Scored], a: int, b: int) -> DeLong:
     """DeLong's test of (mean over common seeds and labels of AUROC_a - AUROC_b) = 0.
 
-    Each AUROC's placement terms are scaled as in DeLong's variance, (V10_i - A)/sqrt(m(m-1)) for the m
-    positives and (V01_j - A)/sqrt(n(n-1)) for the n negatives, so that for one label and one seed the sum of
-    squares of their differences is DeLong's var(A_a - A_b) = var A_a + var A_b - 2 cov exactly."""
+    Each AUROC's placement terms are scaled as in DeLong's variance, (V10_i - A)/m x sqrt(P/(P-1)) for the m
+    positives and (V01_j - A)/n x sqrt(Q/(Q-1)) for the n negatives, and summed per unit (patient) before they
+    are squared, so that for one label and one seed the sum of squares of their differences is var(A_a - A_b) =
+    var A_a + var A_b - 2 cov. P and Q count the units (patients) with a positive and with a negative image:
+    with one image per unit P = m and Q = n, DeLong's m/(m-1) and n/(n-1) exactly; with patients, Obuchowski's
+    (1997) clustered S10/M and S01/N, whose small-sample factors count patients, not images. The terms of a
+    patient with both positive and negative images meet with the factor sqrt(PQ/((P-1)(Q-1))), at least
+    Obuchowski's I/(I-1) for the cross term S11 (I the patients): if anything a little wider."""
     test.check()
     seeds = sorted(set(settings[a].probs) & set(settings[b].probs))
     n_labels = len(test.label_names)
@@ -283,12 +291,13 @@ def delong(test: Holdout, settings: list[Scored], a: int, b: int) -> DeLong:
             keep = np.flatnonzero(test.mask[:, j])
             y = test.labels[keep, j]
             m, n = int(y.sum()), int((~y).sum())
+            units_pos, units_neg = len(np.unique(test.units[keep][y])), len(np.unique(test.units[keep][~y]))
             for k, sign in ((a, 1.0), (b, -1.0)):
                 auc, v10, v01 = placements(y, settings[k].probs[seed][keep, j])
                 estimate += sign * coef * auc
                 term = np.empty(len(keep))
-                term[y] = (v10 - auc) / np.sqrt(m * (m - 1))
-                term[~y] = (v01 - auc) / np.sqrt(n * (n - 1))
+                term[y] = (v10 - auc) / m * np.sqrt(units_pos / (units_pos - 1))
+                term[~y] = (v01 - auc) / n * np.sqrt(units_neg / (units_neg - 1))
                 psi[keep] += sign * coef * term
     per_unit = np.bincount(test.units, weights=psi, minlength=test.n_units)
     se = float(np.sqrt(np.sum(per_unit ** 2)))
