@@ -115,3 +115,45 @@ def make_npz(path: Path, counts=(20, 6, 8), size: int = 28, n_labels: int = 1, r
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **arrays)
     return arrays
+
+
+def write_dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2", bits_stored: int = 12,
+                signed: bool = False, window: tuple[float, float] | None = None,
+                rescale: tuple[float, float] | None = None) -> Path:
+    """An uncompressed (Explicit VR Little Endian) DICOM file of ``pixels``: (H, W) grey levels stored in 16 bits
+    with ``bits_stored`` significant ones (signed when ``signed``), (F, H, W) for a multi-frame file, or
+    (H, W, 3) uint8 RGB; ``window`` = (centre, width) and ``rescale`` = (slope, intercept) when given."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "OT", "anon"
+    rgb = pixels.ndim == 3 and pixels.shape[-1] == 3
+    if pixels.ndim == 3 and not rgb:
+        ds.NumberOfFrames = pixels.shape[0]
+    ds.Rows, ds.Columns = pixels.shape[-3:-1] if rgb else pixels.shape[-2:]
+    ds.SamplesPerPixel = 3 if rgb else 1
+    ds.PhotometricInterpretation = "RGB" if rgb else photometric
+    if rgb:
+        ds.PlanarConfiguration = 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        data = pixels.astype(np.uint8)
+    else:
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
+        ds.PixelRepresentation = 1 if signed else 0
+        data = pixels.astype(np.int16 if signed else np.uint16)
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    if rescale is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    ds.PixelData = data.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -78,6 +78,12 @@ class Rescale16(Choice):
     full = "full"  # 0..65535
 
 
+class DicomWindow(Choice):  # data/dicom.py
+    auto = "auto"  # the file's VOI LUT or window, else its own min..max
+    minmax = "minmax"  # each image's own min..max, whatever window it carries
+    none = "none"  # the stored bits' whole range: one value, one grey in every file
+
+
 class OnBadImage(Choice):
     error = "error"  # list missing / unreadable images and stop
     skip = "skip"  # drop them with a warning
@@ -147,6 +153,8 @@ class ImageFilesData(DataConfig):
     resize: Resize = Resize.crop  # the paper: "cropped and resized to 224x224"
     channels: str = "auto"  # auto: 3 if any image is stored in colour, else 1 | 1 | 3
     rescale16: Rescale16 = Rescale16.minmax
+    dicom_window: DicomWindow = DicomWindow.auto  # DICOM files: the VOI step (README: "DICOM")
+    dicom_frame: Optional[int] = None  # DICOM files: frame K of a multi-frame file; null refuses them
     on_bad_image: OnBadImage = OnBadImage.error
     cache: bool = True  # decode once into a uint8 memmap, reuse it in every later run
     cache_dir: Optional[str] = None  # null: next to the data, or $XDG_CACHE_HOME/rethink_tl if not writable
@@ -186,6 +194,9 @@ class CsvData(ImageFilesData):
     val_share: float = 0.2  # of the patients before the cutoff (or of the non-test patients)
     test_share: float = 0.2  # of the patients, random split only (no cutoff_date)
     split_seed: int = 0
+    # Columns kept beside each prediction for subgroup evidence (rtl report --by COLUMN), e.g. [sex, age]: never a
+    # label or an input, and not part of the run's settings.
+    group_columns: Optional[List[str]] = None
 
 
 @dataclass

@@ -20,13 +20,17 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 # Data keys that only say how the data is read, not which data: a cache and its threads.
-NOT_IDENTITY = {"data.cache", "data.cache_dir", "data.workers", "data.download", "init.download"}
+NOT_IDENTITY = {"data.cache", "data.cache_dir", "data.workers", "data.download", "init.download",
+                "data.group_columns"}  # kept beside the predictions only: the same training
 # Paths name files: written relative, they mean another file from another folder.
 PATHS = ("data.csv", "data.root", "data.npz", "init.weights")
 GROUPS = ("model", "init", "data", "train", "recipe")  # those a config has: rtl pretrain has no init
 # Runtime keys that change the numbers by more than run-to-run noise: mixed precision (bf16 has 8 bits of
 # mantissa), so a bf16 run and an fp32 run are different runs. The other runtime keys are not.
 RUNTIME_KEYS = ("amp",)
+# Keys added to the schema after runs were made: at these defaults they decode every earlier data set as it was
+# decoded, so they stay out of the identity there, and the runs made before them keep their setting ids.
+LATER_DEFAULTS = {"data.dicom_window": "auto", "data.dicom_frame": None}
 
 
 def _flat(prefix: str, node: Any, out: dict[str, Any]) -> None:
@@ -58,7 +62,8 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
     for key in PATHS:
         if out.get(key):
             out[key] = os.path.abspath(os.path.expanduser(str(out[key])))
-    return {k: _plain(v) for k, v in sorted(out.items()) if k not in NOT_IDENTITY}
+    return {k: _plain(v) for k, v in sorted(out.items())
+            if k not in NOT_IDENTITY and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
 
 
 def _plain(v: Any) -> Any:

@@ -22,6 +22,7 @@ available the rename alone still keeps the cache consistent (some work is then d
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -94,7 +95,15 @@ def image_spec(cfg) -> tuple[ImageSpec, str]:
     if channels not in ("auto", "1", "3"):
         raise UserError(f"data.channels must be auto, 1 or 3, got {channels}")
     return ImageSpec(size=size, resize=resize, channels=1 if channels == "auto" else int(channels),
-                     rescale16=rescale16), channels
+                     rescale16=rescale16, **dicom_settings(cfg)), channels
+
+
+def dicom_settings(cfg) -> dict:
+    """data.dicom_window / data.dicom_frame as ImageSpec fields (the schema's defaults where a config lacks them)."""
+    frame = cfg.get("dicom_frame")
+    if frame is not None and int(frame) < 0:
+        raise UserError(f"data.dicom_frame must be a frame number (0 is the first) or null, got {frame}")
+    return {"dicom_window": str(cfg.get("dicom_window") or "auto"), "dicom_frame": None if frame is None else int(frame)}
 
 
 def _stat(path: str) -> tuple[int, int] | str:
@@ -195,7 +204,8 @@ def load_images(paths: Sequence[str], cfg, *, label: str, anchor: str | os.PathL
         except OSError as err:
             raise UserError(f"cannot create the image cache folder {root}: {err.strerror}; set data.cache_dir "
                             "to a writable folder or data.cache=false") from None
-        settings = _hash(CACHE_VERSION, spec.size, spec.resize, channel_setting, spec.rescale16)[:8]
+        settings = _hash(CACHE_VERSION, spec.size, spec.resize, channel_setting, spec.rescale16, spec.dicom_window,
+                         spec.dicom_frame)[:8]
         content = _hash(settings, *(f"{f}|{s}" for f, s in zip(files, stats)))[:16]
         prefix = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}-{settings}-"
         entry = root / f"{prefix}{content}"
@@ -243,7 +253,7 @@ def _resolve_channels(files, stats, spec: ImageSpec, setting: str, pool) -> tupl
     found = list(_pmap(pool, probe, present))
     bad = {i: r for i, r in zip(present, found) if isinstance(r, str)}
     colour = any(r == 3 for r in found)
-    return ImageSpec(spec.size, spec.resize, 3 if colour else 1, spec.rescale16), bad
+    return dataclasses.replace(spec, channels=3 if colour else 1), bad
 
 
 def _decode_all(files, stats, spec, setting, workers, out_path: Path | None, reuse=None):
@@ -334,7 +344,7 @@ def _build(entry: Path, prefix: str, files, stats, spec, setting, workers, exclu
         }).to_csv(tmp / "sources.csv", index=False)
         meta = {"version": CACHE_VERSION, "images": len(files), "ok": int(ok.sum()), "channels": channels,
                 "size": spec.size, "resize": spec.resize, "channel_setting": setting, "rescale16": spec.rescale16,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "dicom_window": spec.dicom_window, "dicom_frame": spec.dicom_frame, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (tmp / "index.json").write_text(json.dumps(meta, indent=1))
         try:
             os.rename(tmp, entry)

@@ -33,6 +33,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import RandomResizedCrop
 
 from ..errors import UserError
+from .dicom import DicomError, is_dicom, read_dicom
 
 # torchvision 0.29 points to TorchCodec for decoding; its decoders still ship and are what rtl pins and measures.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
@@ -110,7 +111,7 @@ def index_folder(root: Any) -> FolderIndex:
         skipped: list[str] = []
 
         def is_image(path: str, skipped=skipped) -> bool:
-            if path.lower().endswith(EXTENSIONS):
+            if path.lower().endswith(EXTENSIONS) or is_dicom(path):
                 return True
             skipped.append(path)
             return False
@@ -119,7 +120,7 @@ def index_folder(root: Any) -> FolderIndex:
             samples[split] = make_dataset(str(root / split), to_index, is_valid_file=is_image)
         except FileNotFoundError as err:  # torchvision names the class folders without any image
             raise UserError(f"{root / split}: {str(err).splitlines()[0]} (images must end in "
-                            f"{', '.join(EXTENSIONS)}, any case)") from None
+                            f"{', '.join(EXTENSIONS)}, any case, or be DICOM files)") from None
         if skipped:
             log.warning("%s: %d file(s) are not images by their extension and are left out, e.g. %s", root / split,
                         len(skipped), ", ".join(os.path.relpath(p, root) for p in skipped[:3]))
@@ -147,7 +148,15 @@ def _refuse_linked_folders(folder: Path, classes: list[str]) -> None:
 
 def read_rgb(path: str) -> torch.Tensor:
     """uint8 (3, H, W). JPEG and PNG through torchvision's decoders; whatever they refuse (a CMYK JPEG of an old
-    libjpeg, an odd PNG) through PIL; a file neither can read is a BadImage naming it."""
+    libjpeg, an odd PNG) through PIL; DICOM through pydicom (data/dicom.py: modality LUT, window, MONOCHROME1
+    inverted); a file none can read is a BadImage naming it."""
+    if is_dicom(path):
+        try:
+            array = read_dicom(path)
+        except DicomError as err:
+            raise BadImage(f"cannot read image {path}: {err}; replace or remove it") from None
+        array = np.repeat(array[..., None], 3, axis=2) if array.ndim == 2 else array
+        return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
     try:
         image = decode_image(path, mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError):

@@ -15,15 +15,21 @@ Geometry (``resize``): ``crop`` (default, as the paper: "cropped and resized to 
 the short side to the target and cuts the centre square; ``pad`` scales the long side to the target
 and pads the short side with black, so nothing at the edge of the film (costophrenic angles, apices)
 is cut away; ``stretch`` ignores the aspect ratio (what a plain ``Resize((S, S))`` does).
+
+DICOM files (``.dcm``, ``.dicom`` or the DICM marker) are read with pydicom through the display chain of
+``dicom.py`` (modality LUT, ``dicom_window``, MONOCHROME1 inverted); the geometry and channels are the same.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from . import dicom
 
 # Modes whose samples do not fit in 8 bits and need an explicit rescale.
 _WIDE_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
@@ -41,9 +47,11 @@ class ImageSpec:
     resize: str  # crop | pad | stretch; no default here: the one default is data.resize's (config.py)
     channels: int = 1  # 1 or 3 (``auto`` is resolved before decoding)
     rescale16: str = "minmax"
+    dicom_window: str = "auto"  # DICOM files only: auto | minmax | none (dicom.py)
+    dicom_frame: Optional[int] = None  # DICOM files only: the frame of a multi-frame file (None: refuse them)
 
     def key(self) -> str:
-        return f"{self.size}|{self.resize}|{self.channels}|{self.rescale16}"
+        return f"{self.size}|{self.resize}|{self.channels}|{self.rescale16}|{self.dicom_window}|{self.dicom_frame}"
 
 
 def unreadable_reason(err: Exception) -> str:
@@ -80,6 +88,8 @@ def channels_of_files(paths) -> int | None:
 
 def header_channels(path: str) -> int:
     """1 for a grey-level file, 3 for a colour one, from the header alone (no pixel decoding)."""
+    if dicom.is_dicom(path):
+        return dicom.header_channels(path)
     with Image.open(path) as img:
         if img.mode == "P":
             # A palette image is grey only if every palette entry has R == G == B.
@@ -108,6 +118,9 @@ def decode_image(path: str, spec: ImageSpec) -> np.ndarray:
     """
     size = (spec.size, spec.size)
     target = "L" if spec.channels == 1 else "RGB"
+    if dicom.is_dicom(path):
+        img = Image.fromarray(dicom.read_dicom(path, spec.dicom_window, spec.dicom_frame))
+        return _geometry(img.convert(target) if img.mode != target else img, spec)
     with Image.open(path) as img:
         # JPEG only: let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is that much
         # smaller (the result is never below the target size); it is most of the speed-up on
@@ -119,6 +132,11 @@ def decode_image(path: str, spec: ImageSpec) -> np.ndarray:
             img = _to_8bit(img, spec.rescale16)
         if img.mode != target:
             img = img.convert(target)
+    return _geometry(img, spec)
+
+
+def _geometry(img: Image.Image, spec: ImageSpec) -> np.ndarray:
+    size = (spec.size, spec.size)
     if spec.resize == "pad":
         img = ImageOps.pad(img, size, method=Image.Resampling.BICUBIC, color=0)
     elif spec.resize == "crop":

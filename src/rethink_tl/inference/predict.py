@@ -62,8 +62,10 @@ def decoding(data: DictConfig, channels: int) -> ImageSpec:
     def setting(key: str) -> str:
         return str(data[key]) if key in data else _default(key)
 
+    from ..data.cache import dicom_settings
+
     return ImageSpec(size=int(data.image_size), resize=setting("resize"), channels=channels,
-                     rescale16=setting("rescale16"))
+                     rescale16=setting("rescale16"), **dicom_settings(data))
 
 
 # --- which images ------------------------------------------------------------------------------------
@@ -76,7 +78,13 @@ class ImageList:
 
 
 def list_images(images: str, path_column: Optional[str]) -> ImageList:
+    from ..data.dicom import SUFFIXES, is_dicom
     from ..data.imagefolder import EXTENSIONS
+
+    def is_image(p: Path) -> bool:  # DICOM from a PACS often has no extension: its DICM marker says
+        return p.suffix.lower() in EXTENSIONS or is_dicom(str(p))
+
+    looked = ", ".join((*EXTENSIONS, *SUFFIXES)) + " and DICOM files by their DICM marker"
 
     where = Path(images)
     if where.is_dir():
@@ -85,9 +93,9 @@ def list_images(images: str, path_column: Optional[str]) -> ImageList:
         found, other = [], []
         for p in sorted(where.rglob("*"), key=lambda q: q.relative_to(where).as_posix()):
             if p.is_file():
-                (found if p.suffix.lower() in EXTENSIONS else other).append(p)
+                (found if is_image(p) else other).append(p)
         if not found:
-            raise UserError(f"{images} holds no image file (looked for {', '.join(EXTENSIONS)}, recursively; "
+            raise UserError(f"{images} holds no image file (looked for {looked}, recursively; "
                             f"{len(other)} other file(s))")
         note = f"{len(found)} image files in {images}"
         if other:
@@ -96,12 +104,12 @@ def list_images(images: str, path_column: Optional[str]) -> ImageList:
         return ImageList([str(p) for p in found], [str(p) for p in found], note)
     if not where.exists():
         raise UserError(f"{images} does not exist: pass a folder of images, a CSV with a path column, or an image")
-    if where.suffix.lower() in EXTENSIONS:
+    if where.suffix.lower() != ".csv" and is_image(where):
         if path_column is not None:
             raise UserError(f"--path-column applies to a CSV of paths; {images} is an image")
         return ImageList([images], [images], f"1 image ({images})")
     if where.suffix.lower() != ".csv":
-        raise UserError(f"{images} is neither a folder, a CSV (.csv) nor an image file ({', '.join(EXTENSIONS)})")
+        raise UserError(f"{images} is neither a folder, a CSV (.csv) nor an image file ({looked})")
     from ..data.tables import read_table, require_columns
 
     df = read_table(where, "IMAGES")
