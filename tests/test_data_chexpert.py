@@ -211,3 +211,17 @@ def test_bad_configs(tree, tmp_path):
     (tmp_path / "train.csv").write_text("Path,Sex\nx.jpg,Male\n")
     with pytest.raises(UserError, match="no column 'No Finding', 'Enlarged Cardiomediastinum'"):
         build_data(data_cfg(tmp_path))
+
+
+def test_sex_and_age_are_kept_for_subgroups_with_age_in_stated_bins(tree):
+    from rethink_tl.data.chexpert import age_bin
+
+    data = build_data(data_cfg(tree, "data.use_official_valid=true"))
+    # make_chexpert: patient p is Female when p is odd, aged 40 + p; valid.csv holds patients 41..45
+    for split in data.splits().values():
+        for i, path in enumerate(split.ids):
+            p = int(patient(path)[7:])
+            assert split.groups["sex"][i] == ("Female" if p % 2 else "Male")
+            assert split.groups["age"][i] == ("40-59" if 40 + p < 60 else "60-79" if 40 + p < 80 else "80+")
+    assert [age_bin(a) for a in ("0", "39.5", "40", "79", "80", "", "unknown")] == ["<40", "<40", "40-59", "60-79",
+                                                                                    "80+", "", ""]

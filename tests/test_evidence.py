@@ -297,6 +297,15 @@ def test_report_includes_external_results_and_leaves_out_stale_ones(sweep, tmp_p
     comp = pd.read_csv(out / "comparisons.csv")
     assert (comp["scored_on"] == "external (trained on synthetic)").sum() == 4  # TL vs RI, 2 models x 2 metrics
     assert "external validation" in (out / "summary.md").read_text()
+    # Calibration on the external images too; operating points there at each source run's validation threshold.
+    assert row["test_brier_mean"] > 0 and row["test_ece_ci_low"] <= row["test_ece_mean"] <= row["test_ece_ci_high"]
+    report(root, out=out, resamples=200, seed=0, operating_point="youden")
+    points = pd.read_csv(out / "operating_points.csv")
+    ext = points[points["scored_on"] == "external (trained on synthetic)"]
+    assert len(ext) == 4 * 2 and (points["scored_on"] == "test split").sum() == 4 * 2
+    for (model, init), grp in ext.groupby(["model", "init"]):
+        own = points[(points["scored_on"] == "test split") & (points["model"] == model) & (points["init"] == init)]
+        assert list(grp["thresholds_per_seed"]) == list(own["thresholds_per_seed"])  # the source runs' thresholds
 
     # The run is trained again: its external results belong to the old checkpoint and are left out, loudly.
     results = root / "cut0" / "random" / "s1" / "results.csv"
@@ -365,3 +374,45 @@ def test_compare_names_one_setting_of_an_lr_sweep(tmp_path, capsys):
     for _, row in comp.iterrows():
         want = mean.loc["train.lr=0.01", f"test_{row.metric}_mean"] - mean.loc["train.lr=0.001", f"test_{row.metric}_mean"]
         assert row["difference"] == pytest.approx(want, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_report_writes_operating_points_and_calibration(sweep, tmp_path, capsys):
+    """Issue 22: each run's threshold from its own validation predictions, its rates on test; Brier and ECE per
+    label in summary.csv, equal to the seed-mean recomputed here from the predictions files; the diagram."""
+    from rethink_tl.evidence.clinical import Rule, choose_threshold
+
+    out = tmp_path / "report"
+    done = report(sweep, out=out, resamples=200, seed=3, operating_point="sens=0.8", figure="calibration")
+    assert done.problems == []
+    points = pd.read_csv(out / "operating_points.csv")
+    assert len(points) == 4 * 2 and set(points["rule"]) == {"sens=0.8"} and set(points["seeds"]) == {"0 1 2"}
+    row = points[(points["model"] == CUT1) & (points["init"] == "pretrained") & (points["label"] == "nodule")].iloc[0]
+    sens, spec, thresholds = [], [], []
+    briers = []
+    for seed in (0, 1, 2):
+        pred = read(sweep / "cut1" / "pretrained" / f"s{seed}" / PREDICTIONS_FILE)
+        val, test = pred.split("val"), pred.split("test")
+        t = choose_threshold(val.labels[:, 1] > 0.5, val.probs[:, 1], Rule("sens", 0.8))
+        assert (val.probs[:, 1][val.labels[:, 1] > 0.5] >= t).mean() >= 0.8
+        called, y = test.probs[:, 1] >= t, test.labels[:, 1] > 0.5
+        thresholds.append(t)
+        sens.append(called[y].mean())
+        spec.append((~called[~y]).mean())
+        briers.append(np.mean((test.probs[:, 1].astype(np.float64) - y) ** 2))
+    assert row["thresholds_per_seed"] == " ".join(f"{t:.6g}" for t in thresholds)
+    assert row["sensitivity"] == pytest.approx(np.mean(sens)) and row["specificity"] == pytest.approx(np.mean(spec))
+    assert row["sensitivity_ci_low"] <= row["sensitivity"] <= row["sensitivity_ci_high"]
+    summary = pd.read_csv(out / "summary.csv")
+    mine = summary[(summary["model"] == CUT1) & (summary["init"] == "pretrained")].iloc[0]
+    assert mine["test_brier_nodule_mean"] == pytest.approx(np.mean(briers))
+    assert mine["test_ece_nodule_ci_low"] <= mine["test_ece_nodule_mean"] <= mine["test_ece_nodule_ci_high"]
+    assert mine["test_brier_mean"] == pytest.approx((mine["test_brier_nodule_mean"] + mine["test_brier_opacity_mean"]) / 2)
+    md = (out / "summary.md").read_text()
+    assert "operating points (also in operating_points.csv)" in md and "10 equal-width probability bins" in md
+    assert (out / "calibration.png").stat().st_size > 10_000 and len(pd.read_csv(out / "calibration.csv")) == 4 * 2 * 10
+    # Not asked for again: the earlier operating points do not stay behind; a bad rule is one line, exit 2.
+    report(sweep, out=out, resamples=0)
+    assert not (out / "operating_points.csv").exists()
+    err = fails_in_one_line(capsys, ["report", str(sweep), "--out", str(tmp_path / "x"), "--operating-point", "sens=2"])
+    assert "sens= needs a share between 0 and 1" in err

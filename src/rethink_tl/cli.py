@@ -484,7 +484,8 @@ def _report(argv: list[str]) -> None:
     parser.add_argument("dir", help="a run or sweep directory (searched recursively for results.csv)")
     parser.add_argument("--figure", metavar="figN", help="draw this paper figure (fig2 ... fig7) from the runs of "
                         "its experiment design only; default: the experiment the runs were made with, if any "
-                        "(fig2 needs no runs: DIR is where it goes)")
+                        "(fig2 needs no runs: DIR is where it goes); calibration: reliability diagrams of every "
+                        "setting's test predictions (calibration.png/.pdf)")
     parser.add_argument("--out", metavar="OUT", help="write tables and figure here (default: DIR)")
     parser.add_argument("--note", default="", help="a line added under the figure title, e.g. what a profile stands "
                         "in for")
@@ -502,10 +503,19 @@ def _report(argv: list[str]) -> None:
                         help=f"bootstrap resamples of the test images for intervals and comparisons (default "
                         f"{RESAMPLES}; 0: none)")
     parser.add_argument("--seed", type=int, default=SEED, help=f"seed of the bootstrap resamples (default {SEED})")
+    parser.add_argument("--operating-point", metavar="RULE", help="also write operating_points.csv: per setting "
+                        "and label, sensitivity, specificity, PPV and NPV on test (95%% intervals) at a threshold "
+                        "chosen on each run's validation predictions by RULE: youden, sens=X (e.g. sens=0.9) or "
+                        "spec=X (e.g. spec=0.95)")
+    parser.add_argument("--by", metavar="COLUMN[:EDGES]", help="also write subgroups.csv: per value of a group column "
+                        "kept beside the predictions (a CSV's data.group_columns, CheXpert's sex and age), AUROC / "
+                        "AUPRC (and, with --operating-point, the rates) with 95%% intervals and each group's gap to "
+                        "the largest; COLUMN:0,40,60,80,120 bins a numeric column into [a, b)")
     args = parser.parse_args(argv)
     options = ReportOptions(figure=args.figure, out=args.out, note=args.note,
                             metrics=tuple(m.strip() for m in args.metric.split(",")),
-                            compare=[tuple(pair) for pair in args.compare], resamples=args.resamples, seed=args.seed)
+                            compare=[tuple(pair) for pair in args.compare], resamples=args.resamples, seed=args.seed,
+                            operating_point=args.operating_point, by=args.by)
     done = report(args.dir, options)
     print(done.text)
     # The tables are written, but a script that goes on to use them must learn that runs are missing.

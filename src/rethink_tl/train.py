@@ -278,7 +278,7 @@ def score_best(cfg: DictConfig, s: TrainSetup, state: TrainState, settings: dict
         labels, mask = split.labels.numpy(), split.mask.numpy()
         # Scored from the very float32 values the file keeps, so results.csv follows from predictions.csv.gz.
         scores[name] = score(labels, probs, s.labels, mask=mask, split=name)
-        kept[name] = SplitPredictions(split.ids, split.patients, labels, mask, probs)
+        kept[name] = SplitPredictions(split.ids, split.patients, labels, mask, probs, split.groups)
     write_predictions(run_dir.file(rf.PREDICTIONS), kept, s.labels)
     images_seen = sum(r["images_seen"] for r in state.history)
     facts = RunFacts(

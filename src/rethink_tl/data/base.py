@@ -59,6 +59,9 @@ class Split:
     # The patient of each image where the dataset knows it (a CSV's patient column, CheXpert's paths); None
     # where it does not. Bootstrap intervals resample patients, not images, when it is set.
     patients: Optional[list[str]] = None
+    # Columns kept for subgroup evidence (a CSV's data.group_columns, CheXpert's Sex and Age): name -> the value
+    # of each image ("" where unknown). Written to predictions.csv.gz as group_<name>; never an input.
+    groups: Optional[dict[str, list[str]]] = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -66,8 +69,9 @@ class Split:
     def subset(self, index: np.ndarray) -> "Split":
         index_t = torch.as_tensor(index, dtype=torch.long)
         patients = None if self.patients is None else [self.patients[i] for i in index]
+        groups = None if self.groups is None else {k: [v[i] for i in index] for k, v in self.groups.items()}
         return Split(self.images[index_t], self.labels[index_t], self.mask[index_t], [self.ids[i] for i in index],
-                     patients)
+                     patients, groups)
 
     def positives(self) -> np.ndarray:
         """Counted positives per label."""
@@ -137,6 +141,7 @@ class SplitPlan:
     anchor: Optional[str] = None
     cache_label: str = ""
     patients: Optional[list[str]] = None  # N, where the dataset knows each image's patient
+    groups: Optional[dict[str, list[str]]] = None  # name -> N values: columns kept for subgroup evidence
 
     @classmethod
     def stacked(cls, name: str, label_names: list[str], labels: Sequence[np.ndarray], ids: list[str],

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+import pandas as pd
 
 from ..errors import UserError
 from .registry import register_dataset
@@ -106,14 +107,35 @@ def _read(root: Path, name: str, labels: list[str], cfg: Mapping):
         df = df[df[_VIEW].str.strip().str.lower() == "frontal"].reset_index(drop=True)
     y, mask = parse_labels(df, labels, str(cfg.uncertain), source)
     rel = df["Path"].str.strip().tolist()
-    return rel, y, mask
+    return rel, y, mask, _groups(df)
+
+
+# CheXpert's demographics, kept for subgroup evidence (rtl report --by sex / --by age): age in the bins below.
+AGE_BINS = ((0, 40, "<40"), (40, 60, "40-59"), (60, 80, "60-79"), (80, 1000, "80+"))
+
+
+def age_bin(text: str) -> str:
+    try:
+        age = float(text)
+    except ValueError:
+        return ""
+    return next((name for lo, hi, name in AGE_BINS if lo <= age < hi), "")
+
+
+def _groups(df: pd.DataFrame) -> dict[str, list[str]]:
+    out = {}
+    if "Sex" in df.columns:
+        out["sex"] = [s if s in ("Male", "Female") else "" for s in df["Sex"].str.strip()]
+    if "Age" in df.columns:
+        out["age"] = [age_bin(a) for a in df["Age"].str.strip()]
+    return out
 
 
 def chexpert_plan(cfg: Mapping) -> SplitPlan:
     """The split of ``train.csv`` (and ``valid.csv``) from the tables alone: no image is opened."""
     labels = chexpert_labels(cfg)
     root = _root(cfg)
-    rel, y, mask = _read(root, "train.csv", labels, cfg)
+    rel, y, mask, kept = _read(root, "train.csv", labels, cfg)
     seed = int(cfg.split_seed)
     val_share = float(cfg.val_share)
     by = str(cfg.split_by)
@@ -123,7 +145,8 @@ def chexpert_plan(cfg: Mapping) -> SplitPlan:
     views = "frontal views only" if cfg.frontal_only else "frontal and lateral views"
     if cfg.use_official_valid:
         parts = patient_split(groups, 0.0, val_share, seed)
-        v_rel, v_y, v_mask = _read(root, "valid.csv", labels, cfg)
+        v_rel, v_y, v_mask, v_kept = _read(root, "valid.csv", labels, cfg)
+        kept = {k: kept[k] + v_kept.get(k, [""] * len(v_rel)) for k in kept}
         shared = set(patients) & set(_patients(v_rel))
         if shared:
             log.warning("chexpert: %d patients are in both train.csv and valid.csv", len(shared))
@@ -140,7 +163,7 @@ def chexpert_plan(cfg: Mapping) -> SplitPlan:
     resolve = _resolver(root, rel)
     return SplitPlan(name=str(cfg.name), label_names=labels, labels=y, mask=mask, ids=rel, parts=parts,
                      split_rule=rule, paths=[str(resolve(p)) for p in rel], anchor=str(root),
-                     cache_label="chexpert", patients=_patients(rel))
+                     cache_label="chexpert", patients=_patients(rel), groups=kept or None)
 
 
 @register_dataset("chexpert", labels=chexpert_labels, plan=chexpert_plan, source_keys=("root",), path_keys=("root",))

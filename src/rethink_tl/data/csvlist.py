@@ -68,7 +68,7 @@ def csv_labels(cfg: Mapping, df: pd.DataFrame | None = None) -> list[str]:
         require_columns(df, chosen, str(path), " (asked for by data.labels)")
         return chosen
     path_col, patient_col, date_col = _columns(cfg, df)
-    reserved = {path_col, patient_col, date_col}
+    reserved = {path_col, patient_col, date_col, *group_columns(cfg)}
     labels, ignored = [], []
     for col in df.columns:
         if col in reserved:
@@ -89,6 +89,17 @@ def csv_labels(cfg: Mapping, df: pd.DataFrame | None = None) -> list[str]:
         raise UserError(f"{path} has no label column: no column besides {path_col!r} holds only 1, 0, -1 or blank "
                         f"(its columns: {', '.join(df.columns)}); name them with data.labels=[...]")
     return labels
+
+
+def group_columns(cfg: Mapping) -> list[str]:
+    """data.group_columns as a list (columns kept for subgroup evidence, never labels or inputs)."""
+    cols = cfg.get("group_columns")
+    if cols is None:
+        return []
+    cols = [cols] if isinstance(cols, str) else [str(c) for c in cols]
+    if len(set(cols)) != len(cols):
+        raise UserError(f"data.group_columns names a column twice: {cols}")
+    return cols
 
 
 def _rows(df: pd.DataFrame, rows: np.ndarray, col: str) -> str:
@@ -113,6 +124,12 @@ def csv_plan(cfg: Mapping) -> SplitPlan:
     base = Path(str(cfg["root"])).expanduser().resolve() if cfg.root else path.parent
     paths = [str(base / p) for p in rel]  # an absolute p replaces base
     y, mask = parse_labels(df, labels, str(cfg.uncertain), str(path))
+    kept = group_columns(cfg)
+    clash = [c for c in kept if c in (*labels, path_col)]
+    if clash:
+        raise UserError(f"data.group_columns: {clash[0]!r} is {'the path column' if clash[0] == path_col else 'a label'}; "
+                        "a group column is a description of the image (sex, age, site), kept for rtl report --by")
+    require_columns(df, kept, str(path), " (named by data.group_columns)")
     if patient_col:
         patients = df[patient_col].str.strip().to_numpy(dtype=object)
     else:
@@ -154,7 +171,8 @@ def csv_plan(cfg: Mapping) -> SplitPlan:
     check_splits(parts, str(path), hint)
     return SplitPlan(name=str(cfg.name), label_names=labels, labels=y, mask=mask, ids=rel.tolist(), parts=parts,
                      split_rule=rule, paths=paths, anchor=str(path.parent), cache_label=path.stem,
-                     patients=[str(p) for p in patients] if patient_col else None)
+                     patients=[str(p) for p in patients] if patient_col else None,
+                     groups={c: df[c].str.strip().tolist() for c in kept} or None)
 
 
 def check_csv(cfg: Mapping) -> None:

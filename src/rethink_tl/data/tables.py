@@ -109,5 +109,6 @@ def assemble(plan: SplitPlan, cfg: Mapping) -> DataBundle:
             mask=torch.from_numpy(plan.mask[rows]),
             ids=[str(plan.ids[i]) for i in rows],
             patients=None if plan.patients is None else [str(plan.patients[i]) for i in rows],
+            groups=None if plan.groups is None else {k: [str(v[i]) for i in rows] for k, v in plan.groups.items()},
         )
     return DataBundle(name=plan.name, label_names=list(plan.label_names), split_rule=plan.split_rule, **splits)

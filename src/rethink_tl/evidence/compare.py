@@ -298,7 +298,7 @@ def _with_interval_columns(summary: pd.DataFrame) -> pd.DataFrame:
     return summary
 
 
-class _Loader:
+class PredictionLoader:
     """One split of each run folder's predictions file, with its label names: read once."""
 
     def __init__(self, root: Path, split: str = "test"):
@@ -328,7 +328,7 @@ def _check_file(run: pd.Series, sp, labels: list[str], path: Path) -> None:
 
 
 @dataclass
-class _Side:
+class Side:
     """A summary row ready for the bootstrap: its seeds' test probabilities, and its first run's test split
     (images, truth, mask, patients) with the label names."""
 
@@ -354,7 +354,7 @@ def _test_key(sp, names: list[str]) -> str:
     return h.hexdigest()
 
 
-def _side(loader: _Loader, row: pd.Series, runs: pd.DataFrame) -> _Side:
+def read_side(loader: PredictionLoader, row: pd.Series, runs: pd.DataFrame) -> Side:
     """A summary row's runs read and checked against their results rows."""
     members = runs[runs["run_dir"].isin(row["run_dirs"])]
     probs, first = {}, None
@@ -368,13 +368,13 @@ def _side(loader: _Loader, row: pd.Series, runs: pd.DataFrame) -> _Side:
         elif _test_key(sp, labels) != _test_key(*first):
             raise UserError(f"the seeds of {describe(row)} were tested on different images or labels")
         probs[int(run["seed"])] = sp.probs
-    return _Side(Scored(describe(row), probs), *first)
+    return Side(Scored(describe(row), probs), *first)
 
 
-def _load_sides(ev: Evidence, runs: pd.DataFrame, root: Path, split: str) -> dict[int, _Side]:
+def _load_sides(ev: Evidence, runs: pd.DataFrame, root: Path, split: str) -> dict[int, Side]:
     """Every summary row whose runs' predictions can be used; the others are said in ev's notes (and a file
     that is not its run's, or damaged, in its problems)."""
-    loader = _Loader(root, split)
+    loader = PredictionLoader(root, split)
     sides, lacking = {}, []
     for i, row in ev.summary.iterrows():
         missing = [d for d in row["run_dirs"] if not (root / d / PREDICTIONS_FILE).is_file()]
@@ -382,7 +382,7 @@ def _load_sides(ev: Evidence, runs: pd.DataFrame, root: Path, split: str) -> dic
             lacking += missing
             continue
         try:
-            sides[i] = _side(loader, row, runs)
+            sides[i] = read_side(loader, row, runs)
         except UserError as err:
             ev.notes.append(f"{describe(row)} ({row['dataset']} f{row['fraction']:g}): no interval: {err}")
             if isinstance(err, (BadPredictions, DamagedFile)):
@@ -394,7 +394,7 @@ def _load_sides(ev: Evidence, runs: pd.DataFrame, root: Path, split: str) -> dic
     return sides
 
 
-def _vet(ev: Evidence, sides: dict[int, _Side], found: list[Pair]) -> list[Pair]:
+def _vet(ev: Evidence, sides: dict[int, Side], found: list[Pair]) -> list[Pair]:
     """The pairs whose two sides can be compared; why the others cannot goes to ev's notes (and, for a pair
     asked for with --compare, to its problems)."""
     compared = []
@@ -411,7 +411,7 @@ def _vet(ev: Evidence, sides: dict[int, _Side], found: list[Pair]) -> list[Pair]
     return compared
 
 
-def _why_not(sides: dict[int, _Side], a: int, b: int) -> str:
+def _why_not(sides: dict[int, Side], a: int, b: int) -> str:
     if a not in sides or b not in sides:
         return "a side has no usable predictions (see above)"
     if sides[a].key != sides[b].key:
@@ -443,7 +443,7 @@ class _TestSet:
         return spec + [("diff", m, self.at[a], self.at[b]) for _, a, b in self.compared for m in STAT_METRICS]
 
 
-def _test_sets(sides: dict[int, _Side], compared: list[Pair], split: str) -> list[_TestSet]:
+def _test_sets(sides: dict[int, Side], compared: list[Pair], split: str) -> list[_TestSet]:
     groups: dict[str, list[int]] = {}
     for i, side in sides.items():
         groups.setdefault(side.key, []).append(i)

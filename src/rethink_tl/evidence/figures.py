@@ -514,3 +514,48 @@ def toy(out_dir: str | Path, note: str = "") -> tuple[pd.DataFrame, list[Path]]:
     table = pd.DataFrame(rows)
     write_csv(table, out_dir / "summary.csv")
     return table, save(fig, out_dir, "fig2")
+
+
+# --- calibration ---------------------------------------------------------------------------------------
+
+def reliability_figure(summary: pd.DataFrame, runs: pd.DataFrame, root: Path, out_dir: str | Path,
+                       note: str = "") -> list[Path]:
+    """calibration.png/.pdf: per label, the positive rate against the mean probability in each of the
+    ECE bins (clinical.ECE_BINS), the seeds of a setting pooled, one line per setting; the diagonal is perfect
+    calibration. Also calibration.csv with the points. [] when no setting has test predictions."""
+    from .clinical import ECE_BINS, readable_sides, reliability
+    from .compare import describe
+
+    points = []
+    for _, row, side in readable_sides(summary, runs, Path(root), [], "reliability diagram"):
+        sp = side.split
+        for j, label in enumerate(side.labels):
+            keep = sp.mask[:, j]
+            y = np.concatenate([sp.labels[keep, j] for _ in side.scored.probs])
+            p = np.concatenate([probs[keep, j] for probs in side.scored.probs.values()])
+            points.append(reliability(y, p).assign(dataset=row["dataset"], fraction=row["fraction"],
+                                                   setting=describe(row), label=label))
+    if not points:
+        return []
+    table = pd.concat(points, ignore_index=True)
+    labels = list(dict.fromkeys(table["label"]))
+    cols = min(len(labels), 4)
+    rows = -(-len(labels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.6 * rows + 1.2), squeeze=False,
+                             layout="constrained")
+    for ax, label in zip(axes.ravel(), labels):
+        ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--")
+        for (setting, dataset, fraction), g in table[table["label"] == label].groupby(
+                ["setting", "dataset", "fraction"], sort=False):
+            g = g[g["images"].fillna(0) > 0]
+            ax.plot(g["mean_probability"], g["positive_rate"], marker="o", ms=3,
+                    label=f"{setting} ({dataset} f{fraction:g})")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean predicted probability", ylabel="observed positive rate",
+               title=label)
+    for ax in axes.ravel()[len(labels):]:
+        ax.set_visible(False)
+    legend_below(fig, axes.ravel()[0])
+    fig.suptitle(f"Reliability on the test split ({ECE_BINS} equal-width bins, seeds pooled)"
+                 + (f"\n{note}" if note else ""), fontsize=11)
+    write_csv(table, Path(out_dir) / "calibration.csv")
+    return save(fig, out_dir, "calibration")

@@ -3,6 +3,7 @@
 ``predictions.csv.gz`` (one gzip-compressed CSV, written atomically) has one row per image and split:
 
     split, id, patient, true_<label>, mask_<label>, prob_<label>  (for every label, in the model's order)
+    group_<name>  (for every column kept for subgroup evidence: data.group_columns, CheXpert's sex and age)
 
 ``true`` is 1 / 0, ``mask`` 1 where the label counts (0: unknown, e.g. CheXpert's U-Ignore; the truth is
 then 0 and ignored), ``prob`` the sigmoid output as float32, written with 9 significant digits so that it
@@ -29,6 +30,7 @@ from ..metrics import Scores, score
 
 PREDICTIONS_FILE = rf.PREDICTIONS
 KINDS = ("true", "mask", "prob")
+GROUP_PREFIX = "group_"
 
 
 @dataclass
@@ -40,6 +42,7 @@ class SplitPredictions:
     labels: np.ndarray  # float (N, L) of 0/1
     mask: np.ndarray  # bool (N, L)
     probs: np.ndarray  # float32 (N, L)
+    groups: Optional[dict[str, list[str]]] = None  # name -> (N,) values, "" where unknown
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -58,6 +61,10 @@ def frame(splits: dict[str, SplitPredictions], label_names: Sequence[str]) -> pd
             cols[f"true_{label}"] = (np.asarray(sp.labels[:, j]) > 0.5).astype(np.int8)
             cols[f"mask_{label}"] = np.asarray(sp.mask[:, j], dtype=bool).astype(np.int8)
             cols[f"prob_{label}"] = np.asarray(sp.probs[:, j], dtype=np.float32)
+        for group, values in (sp.groups or {}).items():
+            if len(values) != n:
+                raise ValueError(f"{name}: {n} ids but {len(values)} values of group {group}")
+            cols[f"{GROUP_PREFIX}{group}"] = [str(v) for v in values]
         parts.append(pd.DataFrame(cols))
     return pd.concat(parts, ignore_index=True)
 
@@ -93,9 +100,11 @@ class Predictions:
         labels = np.stack([part[f"true_{lab}"].to_numpy(np.float32) for lab in self.label_names], axis=1)
         mask = np.stack([part[f"mask_{lab}"].to_numpy() == 1 for lab in self.label_names], axis=1)
         probs = np.stack([part[f"prob_{lab}"].to_numpy(np.float32) for lab in self.label_names], axis=1)
+        groups = {c[len(GROUP_PREFIX):]: part[c].fillna("").astype(str).tolist() for c in self.df.columns
+                  if c.startswith(GROUP_PREFIX)}
         return SplitPredictions(ids=part["id"].astype(str).tolist(),
                                 patients=None if patients.eq("").all() else patients.tolist(),
-                                labels=labels, mask=mask, probs=probs)
+                                labels=labels, mask=mask, probs=probs, groups=groups or None)
 
 
 def read(path: str | Path) -> Predictions:

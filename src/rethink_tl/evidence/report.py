@@ -43,6 +43,9 @@ from .stats import MAX_RESAMPLES, RESAMPLES, SEED
 
 SUMMARY_FILE, SUMMARY_MD = rf.SUMMARY, rf.SUMMARY_MD
 COMPARISONS_FILE, EXTERNAL_TABLE = rf.COMPARISONS, rf.EXTERNAL_TABLE
+OPERATING_FILE = "operating_points.csv"
+SUBGROUPS_FILE = "subgroups.csv"
+CALIBRATION_FIGURE = "calibration"  # --figure calibration: reliability diagrams instead of a paper figure
 SHOW = 10  # problem runs named on the terminal; summary.md names them all
 # Old results columns -> the identity key they stand for, so old and new runs label alike.
 LEGACY_KEYS = {"epochs": "train.epochs", "image_size": "data.image_size", "lr": "train.lr",
@@ -294,9 +297,15 @@ class ReportOptions:
     compare: list[tuple[str, str]] = field(default_factory=list)  # --compare A B pairs (compare.py)
     resamples: int = RESAMPLES  # bootstrap resamples; 0: no intervals, no comparisons
     seed: int = SEED
+    operating_point: str | None = None  # youden | sens=X | spec=X (clinical.py): operating_points.csv
+    by: str | None = None  # a group column (clinical.By): subgroups.csv
 
     def check(self) -> None:
+        from .clinical import By, Rule
+
         self.metrics, self.compare = tuple(self.metrics), [tuple(pair) for pair in self.compare]
+        self.rule = Rule.parse(self.operating_point) if self.operating_point is not None else None
+        self.by_column = By.parse(self.by) if self.by is not None else None
         if self.resamples < 0 or (0 < self.resamples < 100) or self.resamples > MAX_RESAMPLES:
             raise UserError(f"--resamples {self.resamples}: use 0 (no intervals) or 100 to {MAX_RESAMPLES:,} "
                             f"({RESAMPLES} is the default)")
@@ -364,17 +373,24 @@ def report(root: str | Path, options: ReportOptions | None = None, **asked) -> R
     if o.figure == "fig2":
         return _toy(out, o.note)
     notes = Notes()
-    chosen = select(root, o.figure, notes)
+    chosen = select(root, None if o.figure == CALIBRATION_FIGURE else o.figure, notes)
+    if o.figure == CALIBRATION_FIGURE:
+        chosen.plan = None  # the reliability diagram instead of a paper figure
     runs, duplicates = drop_duplicate_seeds(chosen.runs)
     lacking = lacking_metric(runs, o.metrics)
     summary = summarise(runs, chosen.settings)
     ev = _evidence(summary, runs, root, o)
     summary = summary if ev is None else ev.summary
+    from . import clinical
+
+    cal_notes: list[str] = []
+    summary = clinical.with_calibration(summary, runs, root, o.resamples, o.seed, cal_notes)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(summary.drop(columns="run_dirs"), out / SUMMARY_FILE)
     tables = _tables(summary, o.metrics)
-    ext_ev = _external(root, runs, summary, o, out, tables, notes)
+    ext_ev, external, external_rows = _external(root, runs, summary, o, out, tables, notes)
     _comparisons(ev, ext_ev, o, out, tables, notes)
+    _clinical(summary, runs, root, o, out, tables, notes, cal_notes, (external, external_rows))
     _run_notes(notes, chosen, runs, summary, duplicates, lacking, root, o.metrics)
     if chosen.plan is not None:
         _figure(chosen, summary, lacking, ev, out, o, notes)
@@ -467,6 +483,12 @@ def _external(root: Path, runs: pd.DataFrame, summary: pd.DataFrame, o: ReportOp
 
             ext_ev = evidence(external, external_rows, root, o.compare, o.resamples, o.seed, split="external")
             external = ext_ev.summary
+        from .clinical import with_calibration
+
+        cal_notes: list[str] = []
+        external = with_calibration(external, external_rows, root, o.resamples, o.seed, cal_notes, "external")
+        for n in dict.fromkeys(cal_notes):
+            notes.add(n)
         write_csv(external.drop(columns="run_dirs"), out / EXTERNAL_TABLE)
         tables.append("\nexternal validation (rtl evaluate: each run's best checkpoint scored on another dataset; "
                       f"also in {EXTERNAL_TABLE})\n\n" + markdown_external(external))
@@ -475,7 +497,7 @@ def _external(root: Path, runs: pd.DataFrame, summary: pd.DataFrame, o: ReportOp
     for n in ext_notes:
         notes.add(f"WARNING: {n}")
         notes.problems.append(f"external results {n}")
-    return ext_ev
+    return ext_ev, external, external_rows
 
 
 def _comparisons(ev, ext_ev, o: ReportOptions, out: Path, tables: list[str], notes: Notes) -> None:
@@ -497,6 +519,61 @@ def _comparisons(ev, ext_ev, o: ReportOptions, out: Path, tables: list[str], not
             for n in e.notes:
                 notes.add(n)
             notes.problems += e.problems
+
+
+def _clinical(summary: pd.DataFrame, runs: pd.DataFrame, root: Path, o: ReportOptions, out: Path,
+              tables: list[str], notes: Notes, cal_notes: list[str], external: tuple) -> None:
+    """The calibration table (and figure), subgroups.csv and operating_points.csv with their tables when asked
+    for; operating points on rtl evaluate's external images too, at each source run's own thresholds."""
+    from . import clinical
+
+    if "test_brier_mean" in summary.columns:
+        tables.append("\ntest calibration (macro over labels, mean over seeds; per label in summary.csv)\n\n"
+                      + markdown_calibration(summary) + "\n\n" + clinical.calibration_note())
+    for n in dict.fromkeys(cal_notes):
+        notes.add(n)
+    if o.figure == CALIBRATION_FIGURE:
+        from .figures import reliability_figure
+
+        paths = reliability_figure(summary, runs, root, out, o.note)
+        notes.add("figure: " + ", ".join(str(p) for p in paths) if paths else
+                  "no reliability diagram: no setting has test predictions")
+    if o.by_column is None:
+        (out / SUBGROUPS_FILE).unlink(missing_ok=True)
+    else:
+        table, sg_notes = clinical.subgroups(summary, runs, root, o.by_column, o.resamples, o.seed, o.rule)
+        write_csv(table, out / SUBGROUPS_FILE)
+        tables.append(f"\nsubgroups by {o.by_column} (test split; also in {SUBGROUPS_FILE})\n\n"
+                      + clinical.markdown_subgroups(table) + "\n\n" + clinical.subgroup_note(o.by_column))
+        for n in sg_notes:
+            notes.add(n)
+    if o.rule is None:
+        (out / OPERATING_FILE).unlink(missing_ok=True)  # from an earlier report: not asked for now
+        return
+    points, op_notes = clinical.operating_points(summary, runs, root, o.rule, o.resamples, o.seed)
+    ext_summary, ext_rows = external
+    if not ext_summary.empty:
+        ext_points, ext_notes = clinical.operating_points(ext_summary, ext_rows, root, o.rule, o.resamples, o.seed,
+                                                          split="external")
+        points = pd.concat([points, ext_points], ignore_index=True) if not points.empty else ext_points
+        op_notes += ext_notes
+    write_csv(points, out / OPERATING_FILE)
+    tables.append(f"\noperating points (also in {OPERATING_FILE})\n\n" + clinical.markdown_operating(points)
+                  + "\n\n" + clinical.operating_note(o.rule))
+    for n in op_notes:
+        notes.add(n)
+
+
+def markdown_calibration(summary: pd.DataFrame) -> str:
+    show = _with_settings(summary)
+    head = "| dataset | model | init | fraction | " + ("settings | " if show else "") + "n | Brier | ECE |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for _, r in summary.iterrows():
+        cells = [_fmt(r.get(f"test_{m}_mean", np.nan), np.nan, r.get(f"test_{m}_ci_low", np.nan),
+                      r.get(f"test_{m}_ci_high", np.nan)) for m in ("brier", "ece")]
+        lines.append(f"| {r.dataset} | {r.model} | {r.init} | {r.fraction:g} | " + (f"{r.settings} | " if show else "")
+                     + f"{r.n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _run_notes(notes: Notes, chosen: Selection, runs: pd.DataFrame, summary: pd.DataFrame, duplicates: list[str],

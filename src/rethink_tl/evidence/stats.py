@@ -23,6 +23,7 @@ sklearn scores one weight vector at a time, and a bootstrap needs thousands.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -37,6 +38,8 @@ SEED = 0
 LEVEL = 0.95
 BATCH = 100  # resamples scored at once (memory: BATCH x images x 8 bytes per array)
 STAT_METRICS = ("auroc", "auprc")
+INTERVAL_METHODS = ("percentile", "bca")  # bootstrap intervals: scipy's percentile and BCa
+_SCIPY_METHOD = {"percentile": "percentile", "bca": "BCa"}
 
 
 class TooFewImages(UserError):
@@ -150,11 +153,34 @@ class Holdout:
                 raise TooFewImages(
                     f"label {label!r} has {pos} {self.unit_kind} with a positive and {neg} with a negative in the "
                     f"{self.where}: too few for a bootstrap interval or a test (at least {minimum} of each are "
-                    "needed; 10 or more for a useful interval)"
+                    "needed; even with 15 the 95% intervals cover the truth in only about 90-93% of simulations: "
+                    "python scripts/coverage.py)"
                     + (": use a larger test split" if self.where == "test split" else ""))
 
 
-class Statistic:
+class UnitStatistic:
+    """scipy.stats.bootstrap's vectorised statistic over the units (patients or images) of ``self.test``: a
+    resample of units becomes a weight per image (how often its unit was drawn); subclasses give
+    ``values(w) -> (rows, B)`` for weights ``w`` (B, N)."""
+
+    test: Holdout
+
+    def values(self, w: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, drawn: np.ndarray, axis: int = -1) -> np.ndarray:
+        """``drawn`` (B, U) unit indices -> (rows, B); (U,) -> (rows,) (scipy's convention; a jackknife sample
+        has U - 1 units)."""
+        one = np.ndim(drawn) == 1
+        drawn = np.atleast_2d(drawn)
+        n_units = self.test.n_units
+        flat = (drawn + n_units * np.arange(len(drawn))[:, None]).ravel()
+        counts = np.bincount(flat, minlength=len(drawn) * n_units).reshape(len(drawn), n_units)
+        out = self.values(counts[:, self.test.units].astype(np.float64))
+        return out[:, 0] if one else out
+
+
+class Statistic(UnitStatistic):
     """Macro metrics of scored settings under resample weights; the callable scipy.stats.bootstrap needs.
 
     ``rows`` lists what to return, one value per row: ("mean", metric, a) the seed-mean macro metric of setting
@@ -195,14 +221,6 @@ class Statistic:
                 out.append(np.mean([m(metric, a, seed) - m(metric, b, seed) for seed in seeds], axis=0))
         return np.stack(out)
 
-    def __call__(self, drawn: np.ndarray, axis: int = -1) -> np.ndarray:
-        """scipy's vectorised statistic: ``drawn`` (B, U) unit indices (or (U,) for the observed data)."""
-        drawn = np.atleast_2d(drawn)
-        n_units = self.test.n_units
-        flat = (drawn + n_units * np.arange(len(drawn))[:, None]).ravel()
-        counts = np.bincount(flat, minlength=len(drawn) * n_units).reshape(len(drawn), n_units)
-        return self.values(counts[:, self.test.units].astype(np.float64))
-
 
 @dataclass
 class Interval:
@@ -215,16 +233,26 @@ class Interval:
 
 
 def bootstrap(test: Holdout, settings: list[Scored], rows: list[tuple], resamples: int = RESAMPLES,
-              seed: int = SEED, level: float = LEVEL) -> list[Interval]:
+              seed: int = SEED, level: float = LEVEL, method: str = "percentile") -> list[Interval]:
     """Percentile intervals (and p-values) of ``rows`` (see Statistic) from one scipy.stats.bootstrap over the
     test set's units with ``np.random.default_rng(seed)``. The resamples depend only on the seed and the number
     of units, so every row gets the same interval whether it is computed alone or with others."""
     test.check()
-    stat = Statistic(test, settings, rows)
+    return intervals(test, Statistic(test, settings, rows), resamples, seed, level, method=method)
+
+
+def intervals(test: Holdout, stat: UnitStatistic, resamples: int = RESAMPLES, seed: int = SEED,
+              level: float = LEVEL, undefined_ok: bool = False, method: str = "percentile") -> list[Interval]:
+    """One scipy.stats.bootstrap of ``stat``'s rows over the units of ``test``: an Interval per row. A row whose
+    value is undefined (NaN) in more than 1% of the resamples raises TooFewImages, or, with ``undefined_ok`` (a
+    PPV where a resample has no positive call), gets a NaN interval with the count in ``undefined``."""
     units = np.arange(test.n_units)
-    observed = stat(units)[:, 0]
-    res = scipy.stats.bootstrap((units,), stat, n_resamples=resamples, batch=BATCH, vectorized=True,
-                                method="percentile", confidence_level=level, rng=np.random.default_rng(seed))
+    observed = stat(units)
+    with warnings.catch_warnings():  # scipy warns of a NaN interval; undefined resamples are handled below
+        warnings.simplefilter("ignore", scipy.stats.DegenerateDataWarning)
+        res = scipy.stats.bootstrap((units,), stat, n_resamples=resamples, batch=BATCH, vectorized=True,
+                                    method=_SCIPY_METHOD[method], confidence_level=level,
+                                    rng=np.random.default_rng(seed))
     dist = np.atleast_2d(res.bootstrap_distribution)
     scipy_low, scipy_high = np.atleast_1d(res.confidence_interval.low), np.atleast_1d(res.confidence_interval.high)
     out = []
@@ -232,6 +260,9 @@ def bootstrap(test: Holdout, settings: list[Scored], rows: list[tuple], resample
         ok = dist[i][~np.isnan(dist[i])]
         undefined = resamples - len(ok)
         if undefined > 0.01 * resamples:
+            if undefined_ok:
+                out.append(Interval(float(value), np.nan, np.nan, np.nan, undefined, resamples))
+                continue
             raise TooFewImages(f"{undefined} of {resamples} bootstrap resamples of the {test.unit_kind} of the "
                                f"{test.where} leave a label without a positive or a negative: too few for a bootstrap "
                                "interval")

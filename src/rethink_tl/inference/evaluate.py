@@ -90,7 +90,7 @@ def data_for_run(data: DictConfig, given: set[str], run_data: DictConfig,
     d.image_size = size
     d.fraction = 1.0
     notes = []
-    for key in ("resize", "rescale16"):
+    for key in ("resize", "rescale16", "dicom_window", "dicom_frame"):
         if key in d and key in run_data and f"data.{key}" not in given:
             d[key] = run_data[key]
     if "channels" in d and "data.channels" not in given:
@@ -243,6 +243,8 @@ def evaluate_run(run, bundle, plan: Planned, *, name: str, split: str, device: t
     mask = np.concatenate([p.mask.numpy() for p in parts])[:, d_idx]
     ids = [i for p in parts for i in p.ids]
     patients = [x for p in parts for x in p.patients] if all(p.patients is not None for p in parts) else None
+    names = [set(p.groups or {}) for p in parts]
+    groups = {g: [x for p in parts for x in p.groups[g]] for g in sorted(set.intersection(*names))} if names else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SingleClassWarning)  # said below, once, in the run's line
         scores = score(labels, probs, plan.match.model, mask=mask, split=SPLIT_NAME)
@@ -285,7 +287,7 @@ def evaluate_run(run, bundle, plan: Planned, *, name: str, split: str, device: t
     # results.csv goes before anything else is replaced, so results.csv is never older than its neighbours.
     (out / rf.RESULTS).unlink(missing_ok=True)
     atomic_io.write_json(record, out / rf.EXTERNAL_MARK)
-    kept = SplitPredictions(ids, patients, labels, mask, probs.astype(np.float32))
+    kept = SplitPredictions(ids, patients, labels, mask, probs.astype(np.float32), groups or None)
     write_predictions(out / rf.PREDICTIONS, {SPLIT_NAME: kept}, plan.match.model)
     atomic_io.write_csv(pd.DataFrame([row]), out / rf.RESULTS)
     return row, out, notes
