@@ -143,8 +143,9 @@ def test_groups_too_small_or_too_many_say_so():
     rows, _ = subgroup_rows(holdout, probs, ages, By.parse("age:0,40,60,120"), 200, 0)
     assert {r["group"] for r in rows} == {"0-40", "40-60", "60-120"}
     assert next(r for r in rows if r["group"] == "0-40")["images"] == sum(20 + i % 70 < 40 for i in range(600))
-    with pytest.raises(UserError, match="bins are increasing numbers"):
-        By.parse("age:60,40")
+    for bad in ("age:60,40", "age:nan,40", "age:0,inf"):
+        with pytest.raises(UserError, match="bins are increasing numbers"):
+            By.parse(bad)
 
 
 @pytest.mark.slow

@@ -119,15 +119,28 @@ def test_files_that_cannot_be_used_say_why(tmp_path):
     with pytest.raises(DicomError, match="without an image.*RT Plan"):
         read_dicom(shipped("rtplan.dcm"))
     (tmp_path / "text.dcm").write_text("not DICOM")
-    with pytest.raises(DicomError, match="not a DICOM file"):
+    with pytest.raises(DicomError, match="not a DICOM file") as err:
         read_dicom(str(tmp_path / "text.dcm"))
+    assert "force=True" not in str(err.value)  # pydicom's advice to its own callers, not to a user of rtl
     data = open(shipped("MR_small.dcm"), "rb").read()
     (tmp_path / "cut.dcm").write_bytes(data[: len(data) - 3000])
     with pytest.raises(DicomError, match="damaged"):
         read_dicom(str(tmp_path / "cut.dcm"))
+    (tmp_path / "short.dcm").write_bytes(open(shipped("CT_small.dcm"), "rb").read()[:2000])  # cut in the header
+    with pytest.raises(DicomError, match="damaged"):
+        read_dicom(str(tmp_path / "short.dcm"))
     assert file_channels(str(tmp_path / "text.dcm")).startswith("unreadable: not a DICOM file")
     with pytest.raises(UserError, match="data.dicom_window must be one of auto, minmax, none"):
         read_dicom(shipped("MR_small.dcm"), "lung")
+
+
+def test_a_file_no_plugin_decodes_logs_nothing_of_pydicoms_own(caplog):
+    import logging
+
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(DicomError):
+            read_dicom(shipped("JPEG-lossy.dcm"))
+    assert not [r for r in caplog.records if r.name.startswith("pydicom") and r.levelno >= logging.WARNING]
 
 
 def test_a_multi_frame_file_gives_the_frame_asked_for(tmp_path):
@@ -140,6 +153,10 @@ def test_a_multi_frame_file_gives_the_frame_asked_for(tmp_path):
     assert read_dicom(str(path), "none", frame=2)[1, 1] == round(4000 * 255 / 4095)
     with pytest.raises(DicomError, match=r"data.dicom_frame=3, but the file has 3 frames \(0..2\)"):
         read_dicom(str(path), frame=3)
+    one = write_dicom(tmp_path / "one.dcm", frames[1])  # a single frame: frame 0 only, never silently frame 0
+    assert read_dicom(str(one), "none", frame=0)[1, 1] == round(2000 * 255 / 4095)
+    with pytest.raises(DicomError, match=r"data.dicom_frame=1, but the file has 1 frame \(0..0\)"):
+        read_dicom(str(one), frame=1)
 
 
 def test_a_pacs_export_without_an_extension_is_dicom_by_its_marker(tmp_path):

@@ -175,8 +175,13 @@ def _independent(sweep, a: str, b: str, metric: str, resamples: int, seed: int):
         return np.mean(diffs)
 
     res = scipy.stats.bootstrap((np.arange(n),), statistic, n_resamples=resamples, batch=stats.BATCH,
-                                vectorized=False, method="percentile", rng=np.random.default_rng(seed))
-    return statistic(np.arange(n)), res.confidence_interval.low, res.confidence_interval.high
+                                vectorized=False, method="BCa", rng=np.random.default_rng(seed))
+    # widened about the estimate by sqrt(m/(m-1)) t(m-1)/z, m the fewest positive or negative test images of a label
+    m = min(min(int(A[0][f"true_{lab}"].sum()), int((A[0][f"true_{lab}"] == 0).sum())) for lab in ("opacity", "nodule"))
+    f = np.sqrt(m / (m - 1)) * scipy.stats.t.ppf(0.975, m - 1) / scipy.stats.norm.ppf(0.975)
+    est = statistic(np.arange(n))
+    low, high = res.confidence_interval.low, res.confidence_interval.high
+    return est, max(-1.0, est - f * (est - low)), min(1.0, est + f * (high - est))
 
 
 @pytest.mark.slow
@@ -400,7 +405,7 @@ def test_report_writes_operating_points_and_calibration(sweep, tmp_path, capsys)
         sens.append(called[y].mean())
         spec.append((~called[~y]).mean())
         briers.append(np.mean((test.probs[:, 1].astype(np.float64) - y) ** 2))
-    assert row["thresholds_per_seed"] == " ".join(f"{t:.6g}" for t in thresholds)
+    assert row["thresholds_per_seed"] == " ".join(repr(t) for t in thresholds)  # exactly: applied by hand, the same
     assert row["sensitivity"] == pytest.approx(np.mean(sens)) and row["specificity"] == pytest.approx(np.mean(spec))
     assert row["sensitivity_ci_low"] <= row["sensitivity"] <= row["sensitivity_ci_high"]
     summary = pd.read_csv(out / "summary.csv")
@@ -411,8 +416,18 @@ def test_report_writes_operating_points_and_calibration(sweep, tmp_path, capsys)
     md = (out / "summary.md").read_text()
     assert "operating points (also in operating_points.csv)" in md and "10 equal-width probability bins" in md
     assert (out / "calibration.png").stat().st_size > 10_000 and len(pd.read_csv(out / "calibration.csv")) == 4 * 2 * 10
-    # Not asked for again: the earlier operating points do not stay behind; a bad rule is one line, exit 2.
+    # Not asked for again: the earlier operating points and diagram do not stay behind; a bad rule is one line.
     report(sweep, out=out, resamples=0)
-    assert not (out / "operating_points.csv").exists()
+    assert not (out / "operating_points.csv").exists() and not (out / "calibration.png").exists()
+    # Asked for, but no setting carries the column: the tables are written, and the report exits 2 saying so.
+    done = report(sweep, out=out, resamples=0, by="sex")
+    assert len(done.problems) == 1 and "carry no sex" in done.problems[0] and "columns kept: none" in done.problems[0]
+    # A damaged predictions file, with operating points asked for: named, exit 2.
+    broken = tmp_path / "broken"
+    shutil.copytree(sweep, broken)
+    victim = broken / "cut0" / "random" / "s1" / PREDICTIONS_FILE
+    victim.write_bytes(victim.read_bytes()[:300])
+    done = report(broken, out=tmp_path / "b", resamples=0, operating_point="youden")
+    assert any("no operating point" in p and "damaged" in p for p in done.problems)
     err = fails_in_one_line(capsys, ["report", str(sweep), "--out", str(tmp_path / "x"), "--operating-point", "sens=2"])
     assert "sens= needs a share between 0 and 1" in err

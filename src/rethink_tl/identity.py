@@ -94,7 +94,7 @@ def differences(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
     """``key: stored -> requested`` for every setting that differs."""
     out = []
     for k in sorted(set(stored) | set(requested)):
-        a, b = stored.get(k, _MISSING), requested.get(k, _MISSING)
+        a, b = stored.get(k, LATER_DEFAULTS.get(k, _MISSING)), requested.get(k, LATER_DEFAULTS.get(k, _MISSING))
         if a != b:
             out.append(f"{k}: {_show(a)} -> {_show(b)}")
     return out

@@ -17,8 +17,8 @@ Grey-level (MONOCHROME1 / MONOCHROME2) pixels go through the DICOM display chain
 
 Signed and 16-bit data come out of pydicom as such; RGB and YBR files are converted to RGB by pydicom (its
 ``pixel_array`` default), PALETTE COLOR through the palette. A multi-frame file is refused unless
-``data.dicom_frame=K`` picks frame K of every multi-frame file. Compressed transfer syntaxes need pydicom's
-pixel-data plugins: ``pip install 'rethink-tl[dicom]'`` installs pylibjpeg with its JPEG, JPEG-LS, JPEG 2000
+``data.dicom_frame=K`` picks frame K of every file (a file without a frame K is refused: a single-frame file has
+frame 0 only). Compressed transfer syntaxes need pydicom's pixel-data plugins: ``pip install 'rethink-tl[dicom]'`` installs pylibjpeg with its JPEG, JPEG-LS, JPEG 2000
 and RLE decoders; a file that none of them decodes is named with what would.
 
 Which files are DICOM: a ``.dcm`` / ``.dicom`` name, or the ``DICM`` marker at byte 128 of the file (PACS
@@ -27,6 +27,7 @@ exports often have no extension).
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import numpy as np
@@ -75,6 +76,9 @@ def _pydicom():
         import pydicom
     except ImportError:
         raise UserError(f"reading DICOM files needs pydicom, which is not installed: {_INSTALL}") from None
+    # pydicom logs every failed decoder attempt with its traceback; a file rtl cannot use is reported by rtl,
+    # once, with its reason.
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     return pydicom
 
 
@@ -85,13 +89,18 @@ def _read(path: str, pixels: bool):
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
     except InvalidDicomError as err:
-        raise DicomError(f"not a DICOM file pydicom can read ({err})") from None
+        why = str(err).split(". Use force=True")[0].split(" - ")[0].strip()
+        raise DicomError(f"not a DICOM file ({why or 'no DICOM header'})") from None
     except (EOFError, OSError, KeyError, IndexError, TypeError, AttributeError, ValueError) as err:
         raise DicomError(f"a damaged DICOM file ({type(err).__name__}: {err})") from None
     has_image = (any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")) if pixels
                  else ds.get("Rows") is not None)
+    kind = ds.get("SOPClassUID")
+    an_image_class = kind is not None and "Image" in str(getattr(kind, "name", ""))
+    if not has_image and pixels and (ds.get("Rows") is not None or an_image_class):
+        raise DicomError("a damaged DICOM file: it describes an image but its Pixel Data is missing or cut off "
+                         "(truncated?)")
     if not has_image:
-        kind = ds.get("SOPClassUID")
         raise DicomError(f"a DICOM file without an image (no Pixel Data{f'; SOP class {kind.name}' if kind else ''})")
     return ds
 
@@ -108,13 +117,14 @@ def header_channels(path: str) -> int:
 
 def _frame(ds, arr: np.ndarray, frame: Optional[int]) -> np.ndarray:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frame is not None and frame >= frames:
+        raise DicomError(f"data.dicom_frame={frame}, but the file has {frames} frame{'s' if frames > 1 else ''} "
+                         f"(0..{frames - 1})")
     if frames <= 1:
         return arr
     if frame is None:
         raise DicomError(f"a multi-frame DICOM file ({frames} frames): set data.dicom_frame=K to use frame K of "
-                         "every multi-frame file (0 is the first)")
-    if frame >= frames:
-        raise DicomError(f"data.dicom_frame={frame}, but the file has {frames} frames (0..{frames - 1})")
+                         "every file (0 is the first)")
     return arr[frame]
 
 

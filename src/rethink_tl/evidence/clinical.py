@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UserError
-from .stats import Holdout, Interval, UnitStatistic, intervals
+from .stats import Holdout, Interval, UnitStatistic, intervals, minority_units
 
 ECE_BINS = 10
 OP_METRICS = ("sensitivity", "specificity", "ppv", "npv")
@@ -155,7 +155,9 @@ def calibration(test: Holdout, probs: dict[int, np.ndarray], resamples: int, see
     stat = CalibrationStatistic(test, probs)
     keys = [(m, lab) for lab in test.label_names for m in CAL_METRICS] + [(m, "macro") for m in CAL_METRICS]
     if resamples:
-        return dict(zip(keys, intervals(test, stat, resamples, seed)))
+        minority = [minority_units(test, labels=[j]) for j in range(len(test.label_names)) for _ in CAL_METRICS]
+        minority += [minority_units(test)] * len(CAL_METRICS)
+        return dict(zip(keys, intervals(test, stat, resamples, seed, minority=minority, bounds=[(0.0, 1.0)] * len(keys))))
     observed = stat(np.arange(test.n_units))
     return {k: Interval(float(v), np.nan, np.nan, np.nan, 0, 0) for k, v in zip(keys, observed)}
 
@@ -179,20 +181,28 @@ OPERATING_COLUMNS = ["dataset", "scored_on", "fraction", "model", "init", "setti
 
 
 def readable_sides(summary: pd.DataFrame, runs: pd.DataFrame, root, notes: list[str], what: str,
-                   split: str = "test"):
+                   split: str = "test", problems: Optional[list[str]] = None):
     """(summary index, row, Side) of every row whose ``split`` predictions ("test", or "external" for rtl
-    evaluate's) can be read and belong to their runs."""
+    evaluate's) can be read and belong to their runs. The others are said in ``notes``; with ``problems`` (the
+    evidence was asked for: rtl report exits 2) in it too."""
     from ..runfiles import PREDICTIONS
     from .compare import PredictionLoader, describe, read_side
 
     loader = PredictionLoader(root, split)
     for i, row in summary.iterrows():
-        if not all((root / d / PREDICTIONS).is_file() for d in row["run_dirs"]):
-            continue  # said once by the intervals' note
+        where = f"{describe(row)} ({row['dataset']} f{row['fraction']:g})"
+        missing = [d for d in row["run_dirs"] if not (root / d / PREDICTIONS).is_file()]
+        if missing:  # said once by the intervals' note, unless this evidence was asked for
+            if problems is not None:
+                problems.append(f"{where}: no {what}: {missing[0]} has no {PREDICTIONS} (run it again with "
+                                "runtime.force=true)")
+            continue
         try:
             yield i, row, read_side(loader, row, runs)
         except UserError as err:
-            notes.append(f"{describe(row)} ({row['dataset']} f{row['fraction']:g}): no {what}: {err}")
+            notes.append(f"{where}: no {what}: {err}")
+            if problems is not None:
+                problems.append(f"{where}: no {what}: {err}")
 
 
 def holdout_of(side, split: str = "test") -> Holdout:
@@ -208,7 +218,8 @@ def source_run(run_dir: str) -> str:
 
 
 def operating_points(summary: pd.DataFrame, runs: pd.DataFrame, root, rule: Rule, resamples: int,
-                     seed: int, split: str = "test") -> tuple[pd.DataFrame, list[str]]:
+                     seed: int, split: str = "test", problems: Optional[list[str]] = None
+                     ) -> tuple[pd.DataFrame, list[str]]:
     """operating_points.csv's rows (one per setting and label) and notes on the settings left out. On external
     images (``split="external"``) the thresholds are still each source run's, from its own validation split."""
     from .compare import PredictionLoader, describe
@@ -216,7 +227,8 @@ def operating_points(summary: pd.DataFrame, runs: pd.DataFrame, root, rule: Rule
     notes: list[str] = []
     val = PredictionLoader(root, "val")
     rows = []
-    for _, row, side in readable_sides(summary, runs, root, notes, "operating point", split):
+    problems = [] if problems is None else problems
+    for _, row, side in readable_sides(summary, runs, root, notes, "operating point", split, problems):
         test = holdout_of(side, split)
         members = runs[runs["run_dir"].isin(row["run_dirs"])]
         try:
@@ -231,6 +243,7 @@ def operating_points(summary: pd.DataFrame, runs: pd.DataFrame, root, rule: Rule
                                                 for j in range(len(labels))]
         except UserError as err:
             notes.append(f"{describe(row)} ({row['dataset']} f{row['fraction']:g}): no operating point: {err}")
+            problems.append(notes[-1])
             continue
         base = {"dataset": row["dataset"], "fraction": row["fraction"], "model": row["model"], "init": row["init"],
                 "settings": row.get("settings", ""), "setting": describe(row),
@@ -248,13 +261,15 @@ def points_of(test: Holdout, probs: dict[int, np.ndarray], thresholds: dict[int,
     for j, label in enumerate(test.label_names):
         stat = OperatingStatistic(test, j, {s: probs[s] for s in seeds}, {s: thresholds[s][j] for s in seeds})
         if resamples:
-            ivs = intervals(test, stat, resamples, seed, undefined_ok=True)
+            ivs = intervals(test, stat, resamples, seed, undefined_ok=True,
+                            minority=[minority_units(test, labels=[j])] * len(OP_METRICS),
+                            bounds=[(0.0, 1.0)] * len(OP_METRICS))
         else:
             ivs = [Interval(float(v), np.nan, np.nan, np.nan, 0, 0) for v in stat(np.arange(test.n_units))]
         keep = test.mask[:, j]
         out = {"label": label, "rule": str(rule), "seeds": " ".join(map(str, seeds)),
                "threshold": float(np.mean([thresholds[s][j] for s in seeds])),
-               "thresholds_per_seed": " ".join(f"{thresholds[s][j]:.6g}" for s in seeds),
+               "thresholds_per_seed": " ".join(repr(float(thresholds[s][j])) for s in seeds),
                "test_positives": int((keep & test.labels[:, j]).sum()),
                "test_negatives": int((keep & ~test.labels[:, j]).sum()),
                "units": f"{test.n_units} {test.unit_kind}", "resamples": resamples, "seed": seed}
@@ -339,7 +354,7 @@ class By:
             edges = tuple(float(e) for e in rest.split(","))
         except ValueError:
             edges = ()
-        if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
+        if len(edges) < 2 or not all(np.isfinite(edges)) or any(b <= a for a, b in zip(edges, edges[1:])):
             raise UserError(f"--by {text}: bins are increasing numbers, at least two, e.g. --by age:0,40,60,80,120")
         return cls(column, edges)
 
@@ -403,8 +418,13 @@ def subgroup_rows(test: Holdout, probs: dict[int, np.ndarray], raw: list[str], b
         stat = GroupStatistic(test, inner, member, reference)
         metric_names = [metric] if metric != "operating" else list(OP_METRICS)
         k = len(metric_names)
+        which = None if label == "macro" else [test.label_names.index(label)]
+        own = [minority_units(test, m > 0, which) for m in member]
+        minority = [own[g] for g in range(len(names)) for _ in metric_names]
+        minority += [min(own[g], own[reference]) for g in range(len(names)) for _ in metric_names]
+        bounds = [(0.0, 1.0)] * (len(names) * k) + [(-1.0, 1.0)] * (len(names) * k)
         if resamples:
-            ivs = intervals(test, stat, resamples, seed, undefined_ok=True)
+            ivs = intervals(test, stat, resamples, seed, undefined_ok=True, minority=minority, bounds=bounds)
         else:
             ivs = [Interval(float(v), np.nan, np.nan, np.nan, 0, 0) for v in stat(np.arange(test.n_units))]
         n = len(names)
@@ -431,15 +451,17 @@ def subgroup_rows(test: Holdout, probs: dict[int, np.ndarray], raw: list[str], b
 
 
 def subgroups(summary: pd.DataFrame, runs: pd.DataFrame, root, by: By, resamples: int, seed: int,
-              rule: Optional[Rule] = None) -> tuple[pd.DataFrame, list[str]]:
-    """subgroups.csv's rows for every setting whose test predictions carry group_<column>."""
+              rule: Optional[Rule] = None, problems: Optional[list[str]] = None) -> tuple[pd.DataFrame, list[str]]:
+    """subgroups.csv's rows for every setting whose test predictions carry group_<column>; a setting that cannot
+    give them is in ``problems`` too (asked for: rtl report exits 2)."""
+    problems = [] if problems is None else problems
     from .compare import PredictionLoader, describe
 
     notes: list[str] = []
     rows = []
     val = PredictionLoader(root, "val")
     lacking = []
-    for _, row, side in readable_sides(summary, runs, root, notes, "subgroup evidence"):
+    for _, row, side in readable_sides(summary, runs, root, notes, "subgroup evidence", problems=problems):
         groups = side.split.groups or {}
         if by.column not in groups:
             lacking.append(describe(row))
@@ -457,13 +479,16 @@ def subgroups(summary: pd.DataFrame, runs: pd.DataFrame, root, by: By, resamples
                                        thresholds)
         except UserError as err:
             notes.append(f"{describe(row)}: no subgroup evidence: {err}")
+            problems.append(notes[-1])
             continue
         notes += [f"{describe(row)}: {w}" for w in why]
         rows += [{"dataset": row["dataset"], "fraction": row["fraction"], "setting": describe(row), **r} for r in found]
     if lacking:
+        have = sorted({g for _, _, side in readable_sides(summary, runs, root, [], "") for g in (side.split.groups or {})})
         notes.append(f"--by {by}: the test predictions of {len(lacking)} setting(s) carry no {by.column} (kept only "
                      "from data.group_columns of a CSV, or CheXpert's sex and age; runs made before need "
-                     f"runtime.force=true): {', '.join(lacking[:5])}")
+                     f"runtime.force=true; columns kept: {', '.join(have) or 'none'}): {', '.join(lacking[:5])}")
+        problems.append(notes[-1])
     return pd.DataFrame(rows, columns=SUBGROUP_COLUMNS), notes
 
 

@@ -150,7 +150,14 @@ _ABSENT = object()
 
 def _differing(group_settings: list[dict], skip=()) -> list[str]:
     keys = sorted({k for s in group_settings for k in s if not k.startswith(skip)})
-    return [k for k in keys if len({_show(s.get(k, _ABSENT)) for s in group_settings}) > 1]
+    return [k for k in keys if len({_show(_get(s, k)) for s in group_settings}) > 1]
+
+
+def _get(settings: dict, key: str):
+    """A setting's value; a key added later (identity.LATER_DEFAULTS) is left out at its default: that value."""
+    from ..identity import LATER_DEFAULTS
+
+    return settings.get(key, LATER_DEFAULTS.get(key, _ABSENT))
 
 
 def setting_labels(summary: pd.DataFrame, group_settings: list[dict]) -> list[str]:
@@ -165,7 +172,7 @@ def setting_labels(summary: pd.DataFrame, group_settings: list[dict]) -> list[st
                     keys[i].add(k)
     labels = []
     for i, ks in enumerate(keys):
-        label = ", ".join(f"{k}={_show(group_settings[i].get(k, _ABSENT))}" for k in sorted(ks))
+        label = ", ".join(f"{k}={_show(_get(group_settings[i], k))}" for k in sorted(ks))
         same_cell = summary[(summary[CELL] == summary.iloc[i][CELL]).all(axis=1)]
         if not label and len(same_cell) > 1:  # different setting_ids with no settings on record to show
             label = f"setting {summary.iloc[i]['setting_id']}"
@@ -532,16 +539,22 @@ def _clinical(summary: pd.DataFrame, runs: pd.DataFrame, root: Path, o: ReportOp
                       + markdown_calibration(summary) + "\n\n" + clinical.calibration_note())
     for n in dict.fromkeys(cal_notes):
         notes.add(n)
-    if o.figure == CALIBRATION_FIGURE:
+    if o.figure != CALIBRATION_FIGURE:  # an earlier report's diagram would no longer be of these runs
+        for name in ("calibration.png", "calibration.pdf", "calibration.csv"):
+            (out / name).unlink(missing_ok=True)
+    else:
         from .figures import reliability_figure
 
         paths = reliability_figure(summary, runs, root, out, o.note)
         notes.add("figure: " + ", ".join(str(p) for p in paths) if paths else
                   "no reliability diagram: no setting has test predictions")
+        if not paths:
+            notes.problems.append(f"--figure calibration: no setting below {root} has readable test predictions")
     if o.by_column is None:
         (out / SUBGROUPS_FILE).unlink(missing_ok=True)
     else:
-        table, sg_notes = clinical.subgroups(summary, runs, root, o.by_column, o.resamples, o.seed, o.rule)
+        table, sg_notes = clinical.subgroups(summary, runs, root, o.by_column, o.resamples, o.seed, o.rule,
+                                             notes.problems)
         write_csv(table, out / SUBGROUPS_FILE)
         tables.append(f"\nsubgroups by {o.by_column} (test split; also in {SUBGROUPS_FILE})\n\n"
                       + clinical.markdown_subgroups(table) + "\n\n" + clinical.subgroup_note(o.by_column))
@@ -550,11 +563,12 @@ def _clinical(summary: pd.DataFrame, runs: pd.DataFrame, root: Path, o: ReportOp
     if o.rule is None:
         (out / OPERATING_FILE).unlink(missing_ok=True)  # from an earlier report: not asked for now
         return
-    points, op_notes = clinical.operating_points(summary, runs, root, o.rule, o.resamples, o.seed)
+    points, op_notes = clinical.operating_points(summary, runs, root, o.rule, o.resamples, o.seed,
+                                                 problems=notes.problems)
     ext_summary, ext_rows = external
     if not ext_summary.empty:
         ext_points, ext_notes = clinical.operating_points(ext_summary, ext_rows, root, o.rule, o.resamples, o.seed,
-                                                          split="external")
+                                                          split="external", problems=notes.problems)
         points = pd.concat([points, ext_points], ignore_index=True) if not points.empty else ext_points
         op_notes += ext_notes
     write_csv(points, out / OPERATING_FILE)
