@@ -224,3 +224,39 @@ def test_a_csv_of_dicom_files_trains_and_predicts(tmp_path, capsys):
     assert two["path"] == "dcm/000.dcm" and one["path"] == "dcm/000_mono1.dcm"
     assert two["prob_covid"] == one["prob_covid"]
     assert got["prob_covid"].nunique() > 10  # the images differ, and so do the probabilities
+
+
+def test_a_pretraining_tree_reads_dicom_files_by_name_or_marker(tmp_path):
+    """rtl pretrain's ImageFolder index and reader: .dcm and extension-less DICOM files are images of their class;
+    read as RGB (grey replicated) with the same display chain; a damaged one is a BadImage naming it."""
+    from rethink_tl.data.imagefolder import BadImage, index_folder, read_rgb
+
+    for split in ("train", "val"):
+        for k, cls in enumerate(("a", "b")):
+            write_dicom(tmp_path / split / cls / "x.dcm", film(20, 16, k).astype(np.int64) * 16)
+            shutil.copy(shipped("MR_small.dcm"), tmp_path / split / cls / "IM0001")
+            (tmp_path / split / cls / "notes.txt").write_text("not an image")
+    index = index_folder(tmp_path)
+    assert index.classes == ["a", "b"] and len(index.train) == 4 and len(index.val) == 4
+    by_name = dict(index.train)
+    rgb = read_rgb(str(tmp_path / "train" / "a" / "IM0001"))
+    assert rgb.shape == (3, 64, 64) and str(rgb.dtype) == "torch.uint8"
+    assert (rgb[0] == rgb[1]).all() and (rgb[0].numpy() == read_dicom(shipped("MR_small.dcm"))).all()
+    assert by_name[str(tmp_path / "train" / "b" / "x.dcm")] == 1
+    (tmp_path / "bad.dcm").write_bytes(b"\0" * 10)
+    with pytest.raises(BadImage, match="bad.dcm.*not a DICOM file"):
+        read_rgb(str(tmp_path / "bad.dcm"))
+
+
+def test_a_transfer_syntax_without_its_plugin_names_the_package(monkeypatch):
+    """As when pylibjpeg-openjpeg is not installed: pydicom cannot decode JPEG 2000, and the message names it."""
+    import pydicom.dataset
+
+    def no_plugin(self):
+        raise RuntimeError("Unable to decompress 'JPEG 2000 Image Compression' pixel data because all plugins are "
+                           "missing dependencies:\n    pylibjpeg - requires pylibjpeg-openjpeg")
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(no_plugin))
+    with pytest.raises(DicomError, match=r"transfer syntax JPEG 2000 Image Compression.*pylibjpeg-openjpeg.*"
+                                         r"rethink-tl\[dicom\]"):
+        read_dicom(shipped("JPEG2000.dcm"))
