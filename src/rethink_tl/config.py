@@ -78,6 +78,11 @@ class Rescale16(Choice):
     full = "full"  # 0..65535
 
 
+class Logger(Choice):  # tracking.py
+    none = "none"
+    tensorboard = "tensorboard"  # torch's SummaryWriter into <run>/tensorboard/
+
+
 class DicomWindow(Choice):  # data/dicom.py
     auto = "auto"  # the file's VOI LUT or window, else its own min..max
     minmax = "minmax"  # each image's own min..max, whatever window it carries
@@ -261,6 +266,8 @@ class RuntimeConfig(ExecutionConfig):
     # Pause after this epoch (0: never): last.pt and metrics.csv are kept and the run continues, exactly, when it is
     # run again with a larger value or without it. Not part of the run's identity: rtl advise's rungs use it.
     stop_after: int = 0
+    # Experiment tracking beside the run's files (tracking.py); not part of the run's identity.
+    logger: Logger = Logger.none
 
 
 @dataclass

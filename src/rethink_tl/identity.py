@@ -41,6 +41,14 @@ def _flat(prefix: str, node: Any, out: dict[str, Any]) -> None:
         out[prefix] = node
 
 
+def flatten(container: dict) -> dict[str, Any]:
+    """A nested plain config as ``{"train.lr": ..., ...}``."""
+    out: dict[str, Any] = {}
+    for k, v in container.items():
+        _flat(str(k), v, out)
+    return out
+
+
 def identity(cfg: DictConfig) -> dict[str, Any]:
     """Every result-affecting setting of a run, flat (``{"train.lr": 1e-05, ...}``), JSON-ready.
 

@@ -41,6 +41,7 @@ from .metrics import score
 from .models import build_model, check_image_size, check_model_keys
 from .preempt import GracefulStop, stop_here
 from .rundir import TRAIN, RunDir, check_resumable, resume_hint
+from .tracking import Tracker, tracker
 from .weights import apply_init, installed, weights_home, weights_slot
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ def _should_stop(tc, state: TrainState) -> bool:
     return False
 
 
-def fit(cfg: DictConfig, s: TrainSetup, state: TrainState, run_dir: RunDir) -> bool:
+def fit(cfg: DictConfig, s: TrainSetup, state: TrainState, run_dir: RunDir, track: Tracker) -> bool:
     """Train until train.epochs (or an optional early stop), saving last.pt every epoch and best.pt at
     every better validation AUPRC. A signal ends the current step, saves, then stops (or hands on).
     Returns True when the run paused at ``runtime.stop_after`` before its last epoch (nothing is scored then)."""
@@ -193,6 +194,7 @@ def fit(cfg: DictConfig, s: TrainSetup, state: TrainState, run_dir: RunDir) -> b
     again = resume_hint(rc.force)
     bar = tqdm(total=tc.epochs, initial=state.progress.epoch - 1, desc=f"{s.model.info.name}/{s.init.strategy}",
                disable=not rc.progress)
+    track.begin(state.history)  # last.pt's history again: each epoch once, however often the run resumed
     with GracefulStop() as stop:
         while state.progress.epoch <= tc.epochs and not _should_stop(tc, state):
             epoch = state.progress.epoch
@@ -229,6 +231,7 @@ def fit(cfg: DictConfig, s: TrainSetup, state: TrainState, run_dir: RunDir) -> b
             # last.pt first: metrics.csv is rewritten from its history, so the two never disagree for long.
             save_last()
             atomic_io.write_csv(pd.DataFrame(state.history), run_dir.file(rf.METRICS))
+            track.epoch(state.history[-1])
             bar.update(1)
             bar.set_postfix(loss=f"{state.history[-1]['train_loss']:.4f}", val_auprc=f"{val_auprc:.4f}",
                             best=state.best_epoch)
@@ -333,6 +336,7 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
         status = run_dir.status()
         if status == "finished":
             return _finished_row(cfg, run_dir)
+        track = tracker(cfg, run_dir.path, setting_id(settings))
         s = setup(cfg)
         optimizer, scheduler = make_optimizer(s.model, cfg.train)
         state = TrainState(s.model, optimizer, scheduler, s.precision, s.device, s.fingerprint, s.init.source,
@@ -343,10 +347,14 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
                                                  "or use runtime.force=true"), last_path)
             log.info("resuming from %s at epoch %d step %d (best val AUPRC %.4f at epoch %d)", last_path,
                      state.progress.epoch, state.progress.step, state.best, state.best_epoch)
-        if fit(cfg, s, state, run_dir):
-            return _paused(cfg, state, run_dir)
-        row = score_best(cfg, s, state, settings, run_dir)
-        atomic_io.write_csv(pd.DataFrame([row]), run_dir.file(rf.RESULTS))
+        try:
+            if fit(cfg, s, state, run_dir, track):
+                return _paused(cfg, state, run_dir)
+            row = score_best(cfg, s, state, settings, run_dir)
+            atomic_io.write_csv(pd.DataFrame([row]), run_dir.file(rf.RESULTS))
+            track.finish(row)
+        finally:
+            track.close()
     finally:
         run_dir.release()
     log.info("test AUROC %.4f AUPRC %.4f (best val epoch %d) -> %s", row["test_auroc"], row["test_auprc"],
