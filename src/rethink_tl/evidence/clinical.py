@@ -154,12 +154,9 @@ def calibration(test: Holdout, probs: dict[int, np.ndarray], resamples: int, see
     """(metric, label or "macro") -> Interval; without resamples, the point values with NaN bounds."""
     stat = CalibrationStatistic(test, probs)
     keys = [(m, lab) for lab in test.label_names for m in CAL_METRICS] + [(m, "macro") for m in CAL_METRICS]
-    if resamples:
-        minority = [minority_units(test, labels=[j]) for j in range(len(test.label_names)) for _ in CAL_METRICS]
-        minority += [minority_units(test)] * len(CAL_METRICS)
-        return dict(zip(keys, intervals(test, stat, resamples, seed, minority=minority, bounds=[(0.0, 1.0)] * len(keys))))
-    observed = stat(np.arange(test.n_units))
-    return {k: Interval(float(v), np.nan, np.nan, np.nan, 0, 0) for k, v in zip(keys, observed)}
+    minority = [minority_units(test, labels=[j]) for j in range(len(test.label_names)) for _ in CAL_METRICS]
+    minority += [minority_units(test)] * len(CAL_METRICS)
+    return dict(zip(keys, intervals(test, stat, resamples, seed, minority=minority, bounds=[(0.0, 1.0)] * len(keys))))
 
 
 def reliability(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> pd.DataFrame:
@@ -217,6 +214,21 @@ def source_run(run_dir: str) -> str:
     return "/".join(parts[:-2]) if len(parts) >= 3 and parts[-2] == "external" else str(run_dir)
 
 
+def run_thresholds(runs: pd.DataFrame, row: pd.Series, val, rule: Rule, labels: list[str]) -> dict[int, list[float]]:
+    """seed -> the threshold ``rule`` picks per label on that run's own validation predictions (``val``: a
+    PredictionLoader of split val; an rtl evaluate folder's are its source run's). UserError where it cannot."""
+    thresholds = {}
+    for _, run in runs[runs["run_dir"].isin(row["run_dirs"])].iterrows():
+        sp, have = val(source_run(run["run_dir"]))
+        if have != labels:
+            raise UserError(f"{run['run_dir']}: its validation predictions have labels {have}, its scored ones "
+                            f"{labels}")
+        thresholds[int(run["seed"])] = [choose_threshold(sp.labels[sp.mask[:, j], j] > 0.5,
+                                                         sp.probs[sp.mask[:, j], j], rule, have[j])
+                                        for j in range(len(have))]
+    return thresholds
+
+
 def operating_points(summary: pd.DataFrame, runs: pd.DataFrame, root, rule: Rule, resamples: int,
                      seed: int, split: str = "test", problems: Optional[list[str]] = None
                      ) -> tuple[pd.DataFrame, list[str]]:
@@ -230,17 +242,8 @@ def operating_points(summary: pd.DataFrame, runs: pd.DataFrame, root, rule: Rule
     problems = [] if problems is None else problems
     for _, row, side in readable_sides(summary, runs, root, notes, "operating point", split, problems):
         test = holdout_of(side, split)
-        members = runs[runs["run_dir"].isin(row["run_dirs"])]
         try:
-            thresholds = {}
-            for _, run in members.iterrows():
-                sp, labels = val(source_run(run["run_dir"]))
-                if labels != side.labels:
-                    raise UserError(f"{run['run_dir']}: its validation predictions have labels {labels}, its test "
-                                    f"predictions {side.labels}")
-                thresholds[int(run["seed"])] = [choose_threshold(sp.labels[sp.mask[:, j], j] > 0.5,
-                                                                 sp.probs[sp.mask[:, j], j], rule, labels[j])
-                                                for j in range(len(labels))]
+            thresholds = run_thresholds(runs, row, val, rule, side.labels)
         except UserError as err:
             notes.append(f"{describe(row)} ({row['dataset']} f{row['fraction']:g}): no operating point: {err}")
             problems.append(notes[-1])
@@ -260,12 +263,9 @@ def points_of(test: Holdout, probs: dict[int, np.ndarray], thresholds: dict[int,
     rows = []
     for j, label in enumerate(test.label_names):
         stat = OperatingStatistic(test, j, {s: probs[s] for s in seeds}, {s: thresholds[s][j] for s in seeds})
-        if resamples:
-            ivs = intervals(test, stat, resamples, seed, undefined_ok=True,
-                            minority=[minority_units(test, labels=[j])] * len(OP_METRICS),
-                            bounds=[(0.0, 1.0)] * len(OP_METRICS))
-        else:
-            ivs = [Interval(float(v), np.nan, np.nan, np.nan, 0, 0) for v in stat(np.arange(test.n_units))]
+        ivs = intervals(test, stat, resamples, seed, undefined_ok=True,
+                        minority=[minority_units(test, labels=[j])] * len(OP_METRICS),
+                        bounds=[(0.0, 1.0)] * len(OP_METRICS))
         keep = test.mask[:, j]
         out = {"label": label, "rule": str(rule), "seeds": " ".join(map(str, seeds)),
                "threshold": float(np.mean([thresholds[s][j] for s in seeds])),
@@ -423,10 +423,7 @@ def subgroup_rows(test: Holdout, probs: dict[int, np.ndarray], raw: list[str], b
         minority = [own[g] for g in range(len(names)) for _ in metric_names]
         minority += [min(own[g], own[reference]) for g in range(len(names)) for _ in metric_names]
         bounds = [(0.0, 1.0)] * (len(names) * k) + [(-1.0, 1.0)] * (len(names) * k)
-        if resamples:
-            ivs = intervals(test, stat, resamples, seed, undefined_ok=True, minority=minority, bounds=bounds)
-        else:
-            ivs = [Interval(float(v), np.nan, np.nan, np.nan, 0, 0) for v in stat(np.arange(test.n_units))]
+        ivs = intervals(test, stat, resamples, seed, undefined_ok=True, minority=minority, bounds=bounds)
         n = len(names)
         for gi, g in enumerate(names):
             keep = member[gi] > 0
@@ -460,21 +457,15 @@ def subgroups(summary: pd.DataFrame, runs: pd.DataFrame, root, by: By, resamples
     notes: list[str] = []
     rows = []
     val = PredictionLoader(root, "val")
-    lacking = []
+    lacking, have = [], set()
     for _, row, side in readable_sides(summary, runs, root, notes, "subgroup evidence", problems=problems):
         groups = side.split.groups or {}
+        have |= set(groups)
         if by.column not in groups:
             lacking.append(describe(row))
             continue
-        thresholds = None
-        if rule is not None:
-            thresholds = {}
-            for _, run in runs[runs["run_dir"].isin(row["run_dirs"])].iterrows():
-                sp, labels = val(run["run_dir"])
-                thresholds[int(run["seed"])] = [choose_threshold(sp.labels[sp.mask[:, j], j] > 0.5,
-                                                                 sp.probs[sp.mask[:, j], j], rule, labels[j])
-                                                for j in range(len(labels))]
         try:
+            thresholds = None if rule is None else run_thresholds(runs, row, val, rule, side.labels)
             found, why = subgroup_rows(holdout_of(side), side.scored.probs, groups[by.column], by, resamples, seed,
                                        thresholds)
         except UserError as err:
@@ -484,10 +475,9 @@ def subgroups(summary: pd.DataFrame, runs: pd.DataFrame, root, by: By, resamples
         notes += [f"{describe(row)}: {w}" for w in why]
         rows += [{"dataset": row["dataset"], "fraction": row["fraction"], "setting": describe(row), **r} for r in found]
     if lacking:
-        have = sorted({g for _, _, side in readable_sides(summary, runs, root, [], "") for g in (side.split.groups or {})})
         notes.append(f"--by {by}: the test predictions of {len(lacking)} setting(s) carry no {by.column} (kept only "
                      "from data.group_columns of a CSV, or CheXpert's sex and age; runs made before need "
-                     f"runtime.force=true; columns kept: {', '.join(have) or 'none'}): {', '.join(lacking[:5])}")
+                     f"runtime.force=true; columns kept: {', '.join(sorted(have)) or 'none'}): {', '.join(lacking[:5])}")
         problems.append(notes[-1])
     return pd.DataFrame(rows, columns=SUBGROUP_COLUMNS), notes
 

@@ -20,6 +20,8 @@ the two sides share, each scored on the same resampled images.
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -298,15 +300,28 @@ def _with_interval_columns(summary: pd.DataFrame) -> pd.DataFrame:
     return summary
 
 
+@functools.lru_cache(maxsize=64)
+def _read_file(path: str, mtime_ns: int, size: int):
+    """A predictions file parsed once per process while it is unchanged: a report's intervals, calibration,
+    operating points and subgroups, on test and val, all read the same files."""
+    return read_predictions(path)
+
+
 class PredictionLoader:
-    """One split of each run folder's predictions file, with its label names: read once."""
+    """One split of each run folder's predictions file, with its label names."""
 
     def __init__(self, root: Path, split: str = "test"):
         self.root, self.split, self.cache = root, split, {}
 
     def __call__(self, run_dir: str):
         if run_dir not in self.cache:
-            pred = read_predictions(self.root / run_dir / PREDICTIONS_FILE)
+            path = self.root / run_dir / PREDICTIONS_FILE
+            try:
+                st = os.stat(path)
+            except OSError:
+                pred = read_predictions(path)  # says what is missing
+            else:
+                pred = _read_file(str(path), st.st_mtime_ns, st.st_size)
             self.cache[run_dir] = pred.split(self.split), pred.label_names
         return self.cache[run_dir]
 

@@ -5,7 +5,8 @@ setting; for a comparison of settings A and B, the mean over their common seeds 
 Its sampling error comes from the test images, so both are resampled over test images:
 
 * **Bootstrap** (``bootstrap``): ``scipy.stats.bootstrap`` draws the resamples and gives the BCa interval
-  (percentile where BCa is undefined or the units too many), widened for small samples (``intervals``). The resampled unit is the patient where the dataset knows patients (all of one patient's
+  (percentile where BCa is undefined or the units too many), widened for small samples (``intervals``). The
+  resampled unit is the patient where the dataset knows patients (all of one patient's
   images go in or out together), else the image. A resample is turned into a weight per image (how often
   it was drawn) and every model, seed and label is scored on the same weights, so a comparison is paired.
   The two-sided p-value is ``2 * min(share of resamples <= 0, share >= 0)``, each share counted as
@@ -262,8 +263,8 @@ def small_sample_factor(m: int, level: float = LEVEL) -> float:
 
 def bootstrap(test: Holdout, settings: list[Scored], rows: list[tuple], resamples: int = RESAMPLES,
               seed: int = SEED, level: float = LEVEL, method: str = "bca") -> list[Interval]:
-    """Percentile intervals (and p-values) of ``rows`` (see Statistic) from one scipy.stats.bootstrap over the
-    test set's units with ``np.random.default_rng(seed)``. The resamples depend only on the seed and the number
+    """Intervals (and p-values) of ``rows`` (see Statistic; ``intervals`` for which) from one scipy.stats.bootstrap
+    over the test set's units with ``np.random.default_rng(seed)``. The resamples depend only on the seed and the number
     of units, so every row gets the same interval whether it is computed alone or with others."""
     test.check()
     bounds = [(0.0, 1.0) if row[0] == "mean" else (-1.0, 1.0) for row in rows]
@@ -283,11 +284,14 @@ def intervals(test: Holdout, stat: UnitStatistic, resamples: int = RESAMPLES, se
     (scripts/coverage.py, README). Where BCa is undefined (every resample equal, or some resamples undefined) the
     row gets the percentile interval of its defined resamples, and says so in ``method``. A row whose value is
     undefined (NaN) in more than 1% of the resamples raises TooFewImages, or, with ``undefined_ok`` (a PPV where a
-    resample has no positive call), gets a NaN interval with the count in ``undefined``."""
+    resample has no positive call), gets a NaN interval with the count in ``undefined``. Without resamples
+    (``resamples=0``): the observed values, with NaN bounds."""
     if method not in INTERVAL_METHODS:
         raise UserError(f"interval method {method!r}: choose one of {', '.join(INTERVAL_METHODS)}")
     units = np.arange(test.n_units)
     observed = np.atleast_1d(stat(units))
+    if not resamples:
+        return [Interval(float(v), np.nan, np.nan, np.nan, 0, 0) for v in observed]
     if method == "bca" and test.n_units > BCA_MAX_UNITS:
         method = "percentile"
     with warnings.catch_warnings():  # scipy warns of a NaN interval; those rows are handled below
