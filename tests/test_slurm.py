@@ -89,7 +89,11 @@ def test_a_job_requeued_mid_training_resumes_and_ends_as_an_uninterrupted_run(cl
     while slurm(cluster, "squeue", "-h", "-j", job, "-o", "%T") != "PENDING":
         assert time.time() < deadline, slurm(cluster, "squeue", "-j", job)
         time.sleep(0.2)
-    slurm(cluster, "scontrol", "update", f"JobId={job}", "StartTime=now")  # or wait out SLURM's hold of the requeue
+    # Release it (or wait out SLURM's hold of the requeue), but not within the second of the requeue: slurmd
+    # revoked the job's old credential then, at one-second resolution, and a relaunch in that second is killed
+    # as "non-startable: Job credential revoked" (slurmctld.log of a run under load).
+    time.sleep(2.5)
+    slurm(cluster, "scontrol", "update", f"JobId={job}", "StartTime=now")
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-3000:]
     (run_dir,) = [p.parent for p in sweep.rglob("results.csv")]
