@@ -81,6 +81,7 @@ class Rescale16(Choice):
 class Logger(Choice):  # tracking.py
     none = "none"
     tensorboard = "tensorboard"  # torch's SummaryWriter into <run>/tensorboard/
+    mlflow = "mlflow"  # an MLflow run per run folder, a sweep one experiment (runtime.mlflow_uri)
 
 
 class DicomWindow(Choice):  # data/dicom.py
@@ -268,6 +269,10 @@ class RuntimeConfig(ExecutionConfig):
     stop_after: int = 0
     # Experiment tracking beside the run's files (tracking.py); not part of the run's identity.
     logger: Logger = Logger.none
+    # runtime.logger=mlflow: the tracking URI (a team's server, http://host:5000); null: a sqlite file, mlflow.db,
+    # in the sweep folder (a single run: its run folder). The experiment: null names it by that folder's path.
+    mlflow_uri: Optional[str] = None
+    mlflow_experiment: Optional[str] = None
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Experiment tracking beside the run's own files: ``runtime.logger=none|tensorboard`` (outside the run identity).
+"""Experiment tracking beside the run's own files: ``runtime.logger=none|tensorboard|mlflow`` (outside the run
+identity).
 
 TensorBoard (torch's ``SummaryWriter`` into ``<run>/tensorboard/``): every epoch (step = epoch) the train loss and
 learning rate and every validation metric of ``metrics.csv`` (macro and per label: ``val/auprc``,
@@ -8,12 +9,25 @@ test metrics of ``results.csv`` (``test/...``) and the config with them as hyper
 Each epoch appears exactly once, whatever killed the run and however often it resumed: ``last.pt``'s history is
 the truth (``metrics.csv`` is written from it), so every (re)start opens the writer with ``purge_step=1``, which
 tells TensorBoard to drop what earlier event files logged, and logs the whole history again before going on.
+
+MLflow (``MLflowTracker``): one tracked run per run folder, in the experiment of its sweep (the sweep folder's
+absolute path, or ``runtime.mlflow_experiment``), tagged with the setting id, seed and run folder. The store is
+``runtime.mlflow_uri`` (a team's tracking server), by default a sqlite file at the top of the output: the sweep
+folder in a sweep, the run folder for a single run. MLflow keeps every value logged, so an epoch must be logged
+once: the tracked run's id is kept in ``last.pt`` (``tracking``), an epoch is logged only after ``last.pt`` holds
+it, and every (re)start asks the store which (metric, epoch) pairs it has and logs only the others. A tracked
+run left by a start killed before its first ``last.pt``, or replaced by ``runtime.force=true``, is deleted when
+its folder's new one is made, so a search finds one run per folder. The test metrics are logged before
+``results.csv`` is written: a failure to log leaves the run unfinished, and the same command logs them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +36,25 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import UserError
 from .identity import flatten
 
-LOGGERS = ("none", "tensorboard")
+LOGGERS = ("none", "tensorboard", "mlflow")
 FOLDER = "tensorboard"
+MLFLOW_DB = "mlflow.db"  # the default store, at the top of the output
+# metrics.csv columns that are bookkeeping, not metrics
+NOT_METRICS = ("epoch", "seconds", "images_seen")
 
 
 class Tracker:
     """No tracking (runtime.logger=none)."""
 
-    def begin(self, history: list[dict]) -> None: ...
+    def begin(self, history: list[dict], ids: dict | None = None) -> None:
+        """Before training: ``history`` is ``last.pt``'s, ``ids`` its ``tracking`` dict, which a tracker may fill
+        with what it needs to find its run again (saved with ``last.pt``)."""
 
     def epoch(self, row: dict) -> None: ...
 
     def finish(self, row: dict) -> None: ...
+
+    def paused(self) -> None: ...
 
     def close(self) -> None: ...
 
@@ -57,7 +78,7 @@ class TensorBoard(Tracker):
         self.run_dir = run_dir
         self.writer = None
 
-    def begin(self, history: list[dict]) -> None:
+    def begin(self, history: list[dict], ids: dict | None = None) -> None:
         self.writer = self.SummaryWriter(str(self.folder), purge_step=1)
         config = OmegaConf.to_yaml(self.cfg, resolve=True)
         self.writer.add_text("run", f"setting id {self.setting}; run folder {self.run_dir}", 0)
@@ -69,7 +90,7 @@ class TensorBoard(Tracker):
     def epoch(self, row: dict, flush: bool = True) -> None:
         step = int(row["epoch"])
         for key, value in row.items():
-            if key in ("epoch", "seconds", "images_seen") or not _number(value):
+            if key in NOT_METRICS or not _number(value):
                 continue
             self.writer.add_scalar(_tag(key), float(value), step)
         if flush:
@@ -80,9 +101,7 @@ class TensorBoard(Tracker):
         step = int(row.get("epochs_run") or 0)
         for tag, value in test.items():
             self.writer.add_scalar(tag, value, step)
-        flat = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v, default=str))
-                for k, v in flatten(OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)).items()}
-        self.writer.add_hparams(flat, {k.replace("/", "_"): v for k, v in test.items()}, run_name=".")
+        self.writer.add_hparams(_flat_config(self.cfg), {k.replace("/", "_"): v for k, v in test.items()}, run_name=".")
         self.writer.flush()
 
     def close(self) -> None:
@@ -95,10 +114,185 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
+def _flat_config(cfg: DictConfig) -> dict[str, Any]:
+    return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v, default=str))
+            for k, v in flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)).items()}
+
+
+# --- MLflow --------------------------------------------------------------------------------------------
+
+def _sweep_root(run_dir: Path) -> tuple[Path, bool]:
+    """The top of the output this run belongs to: its sweep folder (True) in a sweep, else the run folder."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            return Path(hc.sweep.dir).resolve(), True
+    except (ImportError, ValueError):  # not inside a Hydra job (train.run called directly)
+        pass
+    return run_dir.resolve(), False
+
+
+class MLflowTracker(Tracker):
+    def __init__(self, cfg: DictConfig, run_dir: Path, setting: str):
+        try:
+            from mlflow.entities import Metric, Param, RunTag
+            from mlflow.exceptions import MlflowException
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise UserError("runtime.logger=mlflow needs the mlflow package: pip install 'rethink-tl[mlflow]' "
+                            "(or runtime.logger=none)") from None
+        self.Metric, self.Param, self.RunTag, self.MlflowException = Metric, Param, RunTag, MlflowException
+        for name in ("mlflow", "alembic"):  # "Creating initial MLflow database tables..." and the migrations
+            logging.getLogger(name).setLevel(logging.WARNING)
+        self.cfg, self.setting, self.run_dir = cfg, setting, run_dir.resolve()
+        root, in_sweep = _sweep_root(run_dir)
+        uri = OmegaConf.select(cfg, "runtime.mlflow_uri", default=None)
+        self.uri = str(uri) if uri else f"sqlite:///{root / MLFLOW_DB}"
+        # The default store keeps artifacts (none are logged today) beside it, not in the current directory.
+        self.artifacts = None if uri else (root / "mlartifacts").as_uri()
+        self.experiment = str(OmegaConf.select(cfg, "runtime.mlflow_experiment", default=None) or root)
+        # A sweep's jobs share one sqlite file: one writer at a time (sqlite itself refuses concurrent writers
+        # with "database is locked" once its short timeout passes).
+        self.lock = None
+        if self.uri.startswith("sqlite:///"):
+            from filelock import FileLock
+
+            db = Path(self.uri[len("sqlite:///"):])
+            if not db.parent.is_dir():
+                raise UserError(f"runtime.mlflow_uri={self.uri}: the folder {db.parent} does not exist: create it, "
+                                "or point runtime.mlflow_uri elsewhere")
+            self.lock = FileLock(str(db) + ".lock")
+        # A server that does not answer fails the run in seconds, not after MLflow's minutes of retries.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.run_id: str | None = None
+        self.experiment_id = self._call("open the experiment", self._experiment_id)
+
+    def _call(self, what: str, fn, *args):
+        """``fn(*args)`` under the store's lock; a store that fails is one UserError (the run is saved)."""
+        try:
+            with self.lock if self.lock is not None else contextlib.nullcontext():
+                return fn(*args)
+        except self.MlflowException as err:
+            message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        except Exception as err:  # noqa: BLE001  (connection errors, sqlite errors: many kinds)
+            message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        raise UserError(f"runtime.logger=mlflow could not {what} at {self.uri} ({message}): the run's own files are "
+                        "saved; fix the tracking store (runtime.mlflow_uri) and run the same command again, or use "
+                        "runtime.logger=none")
+
+    def _experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is None:
+            try:
+                return self.client.create_experiment(self.experiment, artifact_location=self.artifacts)
+            except self.MlflowException:  # made by another job of the sweep in between (a remote store)
+                found = self.client.get_experiment_by_name(self.experiment)
+                if found is None:
+                    raise
+        if found.lifecycle_stage == "deleted":
+            raise self.MlflowException(f"the experiment {self.experiment!r} is deleted in this store: restore it "
+                                       "(mlflow experiments restore) or set runtime.mlflow_experiment")
+        return found.experiment_id
+
+    def begin(self, history: list[dict], ids: dict | None = None) -> None:
+        ids = {} if ids is None else ids
+        self.run_id = self._call("find or start the tracked run", self._open_run, ids.get("mlflow_run_id"))
+        ids["mlflow_run_id"] = self.run_id
+        self._call("log the earlier epochs", self._catch_up, history)
+
+    def _open_run(self, stored: str | None) -> str:
+        if stored:
+            try:
+                run = self.client.get_run(stored)
+                if run.info.experiment_id == self.experiment_id and run.info.lifecycle_stage == "active":
+                    if run.info.status != "RUNNING":
+                        self.client.update_run(stored, status="RUNNING")
+                    return stored
+            except self.MlflowException:
+                pass  # not in this store (another runtime.mlflow_uri): a new tracked run, with every epoch again
+        tags = {"rtl.setting_id": self.setting, "rtl.run_dir": str(self.run_dir),
+                "rtl.seed": str(OmegaConf.select(self.cfg, "train.seed", default="")),
+                "rtl.model": str(OmegaConf.select(self.cfg, "model.name", default="")),
+                "rtl.init": str(OmegaConf.select(self.cfg, "init.name", default="")),
+                "rtl.data": str(OmegaConf.select(self.cfg, "data.name", default=""))}
+        # One tracked run per folder: earlier ones there (a start killed before its first last.pt, a run that
+        # runtime.force=true replaced) are deleted, so a search gives what the folder holds.
+        for old in self._runs_of_this_folder():
+            self.client.delete_run(old.info.run_id)
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=self._run_name())
+        params = [self.Param(k, str(v)) for k, v in _flat_config(self.cfg).items() if not k.startswith("hydra.")]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
+            self.client.log_batch(run.info.run_id, params=params[i:i + 100])
+        return run.info.run_id
+
+    def _runs_of_this_folder(self) -> list:
+        folder = str(self.run_dir)
+        # MLflow's filter strings have no escape for a quote: a folder with one is looked for among all runs.
+        where = "" if "'" in folder else f"tags.`rtl.run_dir` = '{folder}'"
+        found, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], filter_string=where, max_results=1000,
+                                           page_token=token)
+            found += [r for r in page if r.data.tags.get("rtl.run_dir") == folder]
+            token = page.token
+            if not token:
+                return found
+
+    def _run_name(self) -> str:
+        root, in_sweep = _sweep_root(self.run_dir)
+        try:
+            return str(self.run_dir.relative_to(root)) if in_sweep else self.run_dir.name
+        except ValueError:
+            return self.run_dir.name
+
+    def _metrics(self, row: dict, step: int) -> list:
+        return [self.Metric(key, float(value), 0, step) for key, value in row.items()
+                if key not in NOT_METRICS and _number(value)]
+
+    def _catch_up(self, history: list[dict]) -> None:
+        """Log every (metric, epoch) of ``history`` the store does not have yet."""
+        if not history:
+            return
+        keys = {m.key for row in history for m in self._metrics(row, 0)}
+        have = {key: {m.step for m in self.client.get_metric_history(self.run_id, key)} for key in keys}
+        missing = [m for row in history for m in self._metrics(row, int(row["epoch"]))
+                   if m.step not in have.get(m.key, ())]
+        for i in range(0, len(missing), 1000):  # and at most 1,000 metrics
+            self.client.log_batch(self.run_id, metrics=missing[i:i + 1000])
+
+    def epoch(self, row: dict) -> None:
+        self._call(f"log epoch {row['epoch']}", lambda: self.client.log_batch(
+            self.run_id, metrics=self._metrics(row, int(row["epoch"]))))
+
+    def finish(self, row: dict) -> None:
+        def log() -> None:
+            step = int(row.get("epochs_run") or 0)
+            test = {k: v for k, v in row.items() if k.startswith("test_") and _number(v)}
+            have = {k for k in test if self.client.get_metric_history(self.run_id, k)}
+            metrics = [self.Metric(k, float(v), 0, step) for k, v in test.items() if k not in have]
+            tags = [self.RunTag("rtl.state", "finished")]
+            for i in range(0, max(len(metrics), 1), 1000):
+                self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000], tags=tags)
+            self.client.set_terminated(self.run_id, "FINISHED")
+
+        self._call("log the test metrics", log)
+
+    def paused(self) -> None:
+        self._call("mark the run paused", lambda: self.client.set_tag(self.run_id, "rtl.state", "paused"))
+
+
 def tracker(cfg: DictConfig, run_dir: Path, setting: str) -> Tracker:
-    """The tracker ``runtime.logger`` asks for (UserError for a missing package, before anything is trained)."""
+    """The tracker ``runtime.logger`` asks for (UserError for a missing package or a store that cannot be
+    reached, before anything is trained)."""
     name = str(OmegaConf.select(cfg, "runtime.logger", default="none"))
     if name not in LOGGERS:
         raise UserError(f"runtime.logger={name}: choose one of {', '.join(LOGGERS)}")
-    return TensorBoard(cfg, run_dir, setting) if name == "tensorboard" else Tracker()
+    if name == "tensorboard":
+        return TensorBoard(cfg, run_dir, setting)
+    return MLflowTracker(cfg, run_dir, setting) if name == "mlflow" else Tracker()
 

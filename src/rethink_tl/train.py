@@ -130,6 +130,7 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
     progress: EpochProgress = field(default_factory=lambda: EpochProgress(epoch=1))
     started: str = field(default_factory=_now)
+    tracking: dict[str, Any] = field(default_factory=dict)  # what runtime.logger needs to find its run again
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -139,7 +140,7 @@ class TrainState:
                 "weights_sha256": self.weights_sha256,
                 "best": self.best, "best_epoch": self.best_epoch, "train_seconds": self.train_seconds,
                 "history": self.history, "progress": self.progress.state_dict(), "started": self.started,
-                "rng": rng_state(self.device)}
+                "tracking": self.tracking, "rng": rng_state(self.device)}
 
     def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
         check_resumable(state, self.fingerprint, self.precision.name, source)
@@ -161,6 +162,7 @@ class TrainState:
         self.best, self.best_epoch = state["best"], state["best_epoch"]
         self.train_seconds, self.history, self.started = state["train_seconds"], state["history"], state["started"]
         self.progress = EpochProgress(**state["progress"])
+        self.tracking = dict(state.get("tracking") or {})
 
 
 # --- fit --------------------------------------------------------------------------------------------
@@ -194,7 +196,8 @@ def fit(cfg: DictConfig, s: TrainSetup, state: TrainState, run_dir: RunDir, trac
     again = resume_hint(rc.force)
     bar = tqdm(total=tc.epochs, initial=state.progress.epoch - 1, desc=f"{s.model.info.name}/{s.init.strategy}",
                disable=not rc.progress)
-    track.begin(state.history)  # last.pt's history again: each epoch once, however often the run resumed
+    # last.pt's history again: each epoch once, however often the run resumed (state.tracking: the tracked run)
+    track.begin(state.history, state.tracking)
     with GracefulStop() as stop:
         while state.progress.epoch <= tc.epochs and not _should_stop(tc, state):
             epoch = state.progress.epoch
@@ -349,10 +352,11 @@ def run(cfg: DictConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
                      state.progress.epoch, state.progress.step, state.best, state.best_epoch)
         try:
             if fit(cfg, s, state, run_dir, track):
+                track.paused()
                 return _paused(cfg, state, run_dir)
             row = score_best(cfg, s, state, settings, run_dir)
+            track.finish(row)  # before results.csv: a run whose tracking failed is not finished, and reruns
             atomic_io.write_csv(pd.DataFrame([row]), run_dir.file(rf.RESULTS))
-            track.finish(row)
         finally:
             track.close()
     finally:
