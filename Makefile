@@ -31,6 +31,7 @@ help:
 	@echo "make advise  rtl advise on the embedded data: Lite0 cuts 1-4 and whole x TL/RI x 3 seeds, 27 epochs (CPU)"
 	@echo "make claims  claims 2 and 3 in miniature: EfficientNet-Lite0 RI vs TL, whole vs truncated, 3 seeds (CPU)"
 	@echo "make pretrain-cbr IMAGENET=DIR   ImageNet pretraining of the four CBR nets, installed for init=pretrained"
+	@echo "make xrv COVID_CSV=... [XRV_WEIGHTS=FILE]   RI vs ImageNet TL vs chest X-ray TL (torchxrayvision), Dens-T1..F"
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -103,6 +104,10 @@ FIG5_DEEP  ?= dens_t1,dens_t2,dens_t3,dens_f
 FIG5_CBR   ?= cbr_small
 FIG6_DEEP  ?= dens_t1,dens_t2,dens_t3,dens_s1,dens_s2,dens_s3,dens_f
 FIG7_DEEP  ?= dens_t1,dens_t2,dens_t3,dens_f
+# `make xrv`: ImageNet or chest X-ray pretraining, and how deep (conf/experiment/xrv.yaml). XRV_WEIGHTS=FILE: a
+# torchxrayvision DenseNet121 file; without it init=xrv finds torchxrayvision's cache or downloads.
+XRV_MODELS ?= dens_t1,dens_t2,dens_t3,dens_f
+XRV_WEIGHTS ?=
 FIG3_ALL   := $(CBR_MODELS),$(FIG3_DEEP)
 FIG4_ALL   := $(CBR_MODELS),$(FIG4_DEEP)
 
@@ -115,8 +120,10 @@ CHEXPERT_RUNS := $(RUNS)/chexpert
 PROFILE_ARGS  :=
 DEEP_TL       :=
 CBR_TL        := $(if $(CBR_WEIGHTS),'init.weights=$(abspath $(CBR_WEIGHTS))/$${model.name}.pth')
+XRV_TL        := $(if $(XRV_WEIGHTS),'init.weights=$(abspath $(XRV_WEIGHTS))')
 NOTE          ?=
 NEEDS         :=
+XRV_NEEDS     :=
 else ifeq ($(PROFILE),smoke)
 # Smoke profile: the same models x inits x fractions on the embedded synthetic data, 1 seed, few
 # epochs, 32 px for deep nets and each CBR net at the smallest size it accepts; offline. ImageNet
@@ -141,6 +148,8 @@ PROFILE_ARGS  := train.epochs=$(SMOKE_EPOCHS) train.batch_size=16 train.lr=1e-3 
                  runtime.progress=false
 DEEP_TL       := 'init.weights=$(abspath $(STANDIN))/$${model.name}.pth'
 CBR_TL        := $(DEEP_TL)
+XRV_TL        := 'init.weights=$(abspath $(STANDIN))/xrv-densenet121.pth'
+XRV_NEEDS     := $(STANDIN)/xrv-densenet121.pth
 NOTE          ?= smoke profile: synthetic data stands in for COVID-19 and CheXpert ($(SMOKE_SAMPLES) images, \
                  epochs: $(SMOKE_EPOCHS)); "TL" starts from seeded random stand-in weights, not ImageNet: \
                  this checks the pipeline, its numbers say nothing about transfer learning.
@@ -183,13 +192,21 @@ pretrain-cbr: $(STAMP)
 	$(RTL) pretrain -m model=$(CBR_MODELS) data.root=$(abspath $(IMAGENET)) $(LAUNCHER) $(PRETRAIN_ARGS)
 	$(RTL) weights list
 
-.PHONY: figures fig2 fig3 fig4 fig5 fig6 fig7 clean-smoke pretrain-cbr
+.PHONY: figures fig2 fig3 fig4 fig5 fig6 fig7 xrv clean-smoke pretrain-cbr
 .NOTPARALLEL:
 
 figures: fig2 fig3 fig4 fig5 fig6 fig7
 
 $(STANDIN)/README.txt: | $(STAMP)
 	$(BIN)/python scripts/standin_weights.py $(STANDIN)
+
+# The smoke profile's chest X-ray stand-in: torchxrayvision's layout (torchvision's DenseNet121 names, a grey conv0),
+# seeded random weights, not chest X-ray features.
+$(STANDIN)/xrv-densenet121.pth: | $(STAMP)
+	@mkdir -p $(@D)
+	$(BIN)/python -c "import torch, torchvision; from rethink_tl.models.truncated import grey_stem; \
+	torch.manual_seed(20210609); net = torchvision.models.densenet121(weights=None); grey_stem(net.features); \
+	torch.save(net.state_dict(), '$@')"
 
 fig2: $(STAMP)
 	$(RTL) report $(FIG_DIR)/fig2 --figure fig2
@@ -232,6 +249,17 @@ fig7: $(STAMP) $(NEEDS)
 	$(call sweep,fig7,$(COVID_DATA),$(FIG7_DEEP),pretrained,$(DEEP_TL))
 	$(call cbr_tl,fig7,$(COVID_DATA))
 	$(call report,fig7,$(COVID_RUNS))
+
+# Not a paper figure: the DenseNet ladder with RI, ImageNet TL and chest X-ray TL (init=xrv) on the COVID-like data.
+# Not on CheXpert: torchxrayvision's weights were trained on it (and on NIH, PadChest, MIMIC-CXR, OpenI, RSNA).
+xrv: $(STAMP) $(NEEDS) $(XRV_NEEDS)
+	$(call need,COVID_CSV)
+	$(call need_cutoff)
+	$(call check_data,$(COVID_DATA),$(COVID_HINT))
+	$(call sweep,xrv,$(COVID_DATA),$(XRV_MODELS),random)
+	$(call sweep,xrv,$(COVID_DATA),$(XRV_MODELS),pretrained,$(DEEP_TL))
+	$(call sweep,xrv,$(COVID_DATA),$(XRV_MODELS),xrv,$(XRV_TL))
+	$(call report,xrv,$(COVID_RUNS))
 
 # Smoke outputs only: full-profile runs cost GPU days and are never removed by a target.
 clean-smoke:

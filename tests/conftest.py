@@ -4,8 +4,22 @@ from __future__ import annotations
 
 import os
 
+import pandas as pd
 import pytest
 from hydra import compose, initialize_config_module
+
+# Tests compare values read back from rtl's CSV files with values computed in memory, exactly. pandas 2's default
+# float parser can be one ulp off the number written (pandas 3's is not); rtl's own reads ask for round_trip, and
+# so do the tests' reads.
+_read_csv = pd.read_csv
+
+
+def _read_csv_exactly(*args, **kwargs):
+    kwargs.setdefault("float_precision", "round_trip")
+    return _read_csv(*args, **kwargs)
+
+
+pd.read_csv = _read_csv_exactly
 
 # Tests never reach the network: an empty torch/HF cache per session unless a test sets its own.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -51,13 +51,14 @@ from .identity import setting_id
 
 # The paper's DenseNet ladder (Dens-T1/T2/T3 and the whole DenseNet121).
 LADDER = ["dens_t1", "dens_t2", "dens_t3", "dens_f"]
-INITS = ["pretrained", "random"]
+INITS = ["pretrained", "random"]  # the default advise.inits; every winner is compared with both
 WHOLE = "whole"
 DEFAULT_DIR = "advise"
 STATE_DIR = ".rtl_advise"  # under the advise folder: the generated candidate configs and the lock
 GROUP = "advise_run"  # the config group of the generated options (one per candidate and seed)
 ADVICE_MD, ADVICE_CSV, ADVICE_PNG = "advice.md", "advice.csv", "advice.png"
-INIT_WORDS = {"pretrained": "ImageNet init", "random": "random init"}
+# Every init advise.inits may name (a conf/init option): xrv is torchxrayvision's chest X-ray DenseNet121 weights.
+INIT_WORDS = {"pretrained": "ImageNet init", "random": "random init", "xrv": "chest X-ray init (torchxrayvision)"}
 LOCK_WAIT = 300  # seconds to wait for a run's lock held by a sweep that is saving and stopping (a killed advise's)
 
 USAGE = """usage: rtl advise [OVERRIDES]
@@ -68,7 +69,8 @@ advise/), plus:
   advise.models=[dens_t1,dens_t2,dens_t3,dens_f]   zoo models (default: the paper's DenseNet ladder), or
   advise.backbone=NAME advise.cuts=[1,2,whole]      a timm backbone cut after each stage (default: every stage
                                                     and the whole network)
-  advise.inits=[pretrained,random]  advise.seeds=3  advise.eta=3  advise.min_epochs=N (the first rung; default
+  advise.inits=[pretrained,random]  (or with xrv: chest X-ray weights, DenseNet121 models only)
+  advise.seeds=3  advise.eta=3  advise.min_epochs=N (the first rung; default
   train.epochs / eta^ceil(log_eta(candidates)), rounded up)  advise.resamples=2000 (bootstrap of the test comparisons)
 Writes DIR/advice.md, advice.csv, advice.png; the runs are ordinary rtl train runs under DIR. Run the same
 command again to continue after an interruption, or to print a finished advice again without training."""
@@ -239,8 +241,8 @@ def _stages(backbone: str) -> int:
 def candidates(opts: AdviseOptions) -> list[Candidate]:
     inits = [str(i) for i in opts.inits]
     for init in inits:
-        if init not in INITS:
-            raise UserError(f"advise.inits: unknown init {init!r}; inits are: {', '.join(INITS)}")
+        if init not in INIT_WORDS:
+            raise UserError(f"advise.inits: unknown init {init!r}; inits are: {', '.join(INIT_WORDS)}")
     _no_repeats("advise.inits", inits)
     out = [Candidate(group, keys, init, given=given) for group, keys, given in _architectures(opts) for init in inits]
     if len(out) < 2:
@@ -324,7 +326,9 @@ class Plan:
     def _compose(self, first: int, conf: Path) -> None:
         from hydra import compose, initialize_config_module
 
-        from .models import check_model_keys
+        from .config import init_source
+        from .evidence.compare import INIT_SHORT
+        from .models import check_model_keys, check_source
 
         self.write_options(conf)
         with initialize_config_module(config_module="rethink_tl.conf", version_base="1.3"):
@@ -339,14 +343,28 @@ class Plan:
                         del cfg["hydra"]
                     validate(cfg)
                     check_model_keys(cfg.model)
+                    check_source(cfg.model, init_source(cfg.init))  # chest X-ray weights on a ResNet: now, not later
                     c.tag = str(cfg.model.tag)
-                    c.label = f"{c.tag} {'TL' if c.init == 'pretrained' else 'RI'}"
+                    c.label = f"{c.tag} {INIT_SHORT.get(c.init, c.init)}"
                     self.runs[i, seed] = RunSpec(i, seed, option, self.dir / sub, setting_id(cfg))
                     if self.base is None:
                         self.base = cfg
 
     def arm(self, tag: str, init: str) -> Optional[int]:
         return next((i for i, c in enumerate(self.arms) if c.key() == (tag, init)), None)
+
+    def compared_inits(self) -> list[str]:
+        """The inits a winner is compared with: random always (does pretraining help?), and every init advise.inits
+        names (ImageNet only when it is named: a user with chest X-ray weights alone needs no ImageNet file)."""
+        named = list(map(str, self.opts.inits))
+        return list(dict.fromkeys([*(i for i in INITS if i == "random" or i in named), *named]))
+
+    def whole_init(self, init: str) -> str:
+        """The init of the whole-network reference of a winner with ``init``: its own pretraining (the question is
+        how deep to keep it), or for a random-init winner the first pretraining advise.inits names."""
+        if init != "random":
+            return init
+        return next((i for i in map(str, self.opts.inits) if i != "random"), "pretrained")
 
 
 def check_data(plan: Plan) -> None:
@@ -379,7 +397,7 @@ def _history(path: Path) -> tuple[Optional[pd.DataFrame], str]:
     if not path.is_file():
         return None, f"{path.name} is missing"
     try:
-        h = pd.read_csv(path)
+        h = pd.read_csv(path, float_precision="round_trip")
     except (OSError, ValueError) as err:
         return None, f"{path.name} cannot be read ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
     if "val_auprc" not in h.columns or "epoch" not in h.columns:
@@ -641,13 +659,13 @@ def references(plan: Plan, finalists: list[int]) -> list[int]:
     wanted: list[Candidate] = []
     for f in finalists:
         c = plan.arms[f]
-        for init in INITS:
+        for init in plan.compared_inits():
             if init != c.init:
                 wanted.append(Candidate(c.model_group, dict(c.model_keys), init, c.tag))
         full = full_model(c.tag)
         if full is not None:
             group, keys = ("timm", {"backbone": full[len("timm-"):]}) if full.startswith("timm-") else (full, {})
-            wanted.append(Candidate(group, keys, "pretrained", full))
+            wanted.append(Candidate(group, keys, plan.whole_init(c.init), full))
     out = []
     for w in wanted:
         found = plan.arm(w.tag, w.init)
@@ -755,10 +773,13 @@ def sentence(plan: Plan, track: Track, winner: int, ev) -> str:
     if full is None:
         parts.append("it is the whole network")
     else:
-        ref = plan.arm(full, "pretrained")
-        parts.append("vs the whole network with TL " + (_fmt_diff(_diff(ev.comparisons, w, plan.arms[ref]))
-                                                        if ref is not None else "not trained"))
-    for init in INITS:
+        from .evidence.compare import INIT_SHORT
+
+        whole = plan.whole_init(w.init)
+        ref = plan.arm(full, whole)
+        parts.append(f"vs the whole network with {INIT_SHORT.get(whole, whole)} "
+                     + (_fmt_diff(_diff(ev.comparisons, w, plan.arms[ref])) if ref is not None else "not trained"))
+    for init in plan.compared_inits():
         if init != w.init:
             other = plan.arm(w.tag, init)
             parts.append(f"vs {INIT_WORDS[init]} " + (_fmt_diff(_diff(ev.comparisons, w, plan.arms[other]))

@@ -40,6 +40,11 @@ class InitName(Choice):
     pretrained = "pretrained"
 
 
+class InitSource(Choice):  # weights/sources.py
+    # torchxrayvision's chest X-ray DenseNet121 (densenet121-res224-all): one grey input channel, xrv's intensities
+    torchxrayvision = "torchxrayvision"
+
+
 class Amp(Choice):
     auto = "auto"
     bf16 = "bf16"
@@ -123,6 +128,38 @@ class InitConfig:
     # weight packages, then a download when `download` is true.
     weights: Optional[str] = None
     download: bool = True
+    # Whose pretrained weights: null is ImageNet (or what rtl pretrain installed); torchxrayvision is chest X-ray
+    # pretraining, for the DenseNet121 models only, which then read one grey channel (README: "Chest X-ray weights").
+    source: Optional[InitSource] = None
+
+
+# A pretrained init from a source other than ImageNet has a conf/init option of its own (init=xrv is init=pretrained
+# init.source=torchxrayvision), and results.csv, run folders and reports call it by that option's name.
+SOURCE_INITS = {InitSource.torchxrayvision.value: "xrv"}
+
+
+def init_tag(name: Any, source: Any = None) -> str:
+    """What results.csv, run folders and reports call an init: random, pretrained (ImageNet), or its source's
+    option (xrv)."""
+    if source is None or str(name) != InitName.pretrained:
+        return str(name)
+    if str(source) not in SOURCE_INITS:
+        raise ValueError(f"init.source={source} is not a weights source: choose one of {', '.join(SOURCE_INITS)}")
+    return SOURCE_INITS[str(source)]
+
+
+def init_source(init: Any) -> Optional[str]:
+    """The weights source an init config names (None: ImageNet); a UserError where it would mean nothing."""
+    init = typed(InitConfig, init if init is not None else {}, where="init")
+    source = init.source
+    if source is None:
+        return None
+    if OmegaConf.is_missing(init, "name") or str(init.name) != InitName.pretrained:
+        shown = "not set" if OmegaConf.is_missing(init, "name") else f"init={init.name}"
+        raise UserError(f"init.source={source} names whose pretrained weights to load, but the init is {shown}: use "
+                        f"init=pretrained init.source={source} (init={SOURCE_INITS[str(source)]}), or leave "
+                        "init.source out for random weights")
+    return str(source)
 
 
 # --- data -------------------------------------------------------------------------------------------
@@ -369,6 +406,8 @@ def register() -> None:
     cs.store(name="base_pretrain", node=PretrainConfig)
     if not OmegaConf.has_resolver("rtl.val_resize"):
         OmegaConf.register_new_resolver("rtl.val_resize", _val_resize)
+    if not OmegaConf.has_resolver("rtl.init_tag"):  # the run-directory patterns of conf/config.yaml
+        OmegaConf.register_new_resolver("rtl.init_tag", init_tag)
 
 
 register()

@@ -207,7 +207,7 @@ class Batcher:
     epoch k sees exactly the batches and augmentations it would have seen without the break.
     """
 
-    mean: torch.Tensor  # (1, 3, 1, 1) on device
+    mean: torch.Tensor  # (1, C, 1, 1) on device: C = the model's input channels (ModelInfo.in_chans)
     std: torch.Tensor
     device: torch.device
     channels_last: bool
@@ -221,9 +221,9 @@ class Batcher:
     @classmethod
     def for_model(cls, info, device: torch.device, channels_last: bool, rotate_degrees: float = 0.0,
                   scale_jitter: float = 0.0) -> "Batcher":
-        """The batcher that normalises as ``info`` (a model's ModelInfo: its mean and std) says."""
-        mean = torch.tensor(info.mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(info.std, device=device).view(1, 3, 1, 1)
+        """The batcher that normalises as ``info`` (a model's ModelInfo: its in_chans, mean and std) says."""
+        mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
         return cls(mean, std, device, bool(channels_last), float(rotate_degrees), float(scale_jitter))
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -237,13 +237,18 @@ class Batcher:
         x = self.to_device(images).float().div_(255.0)
         if gen is not None and (self.rotate_degrees > 0 or self.scale_jitter > 0):
             x = self._augment(x, gen)
-        n, _, h, w = x.shape
+        n, stored, h, w = x.shape
+        chans = self.mean.shape[1]
+        if stored != chans and chans == 1:
+            # A colour image for a grey network becomes the mean of its channels, as torchxrayvision's
+            # own example does (img.mean(2)); a grey image stored as RGB keeps its values.
+            x = x.mean(dim=1, keepdim=True)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        out = torch.empty((n, 3, h, w), device=x.device, memory_format=fmt)
-        # (x - mean) / std as one fused pass written straight into the 3-channel output in its final
-        # memory format: a grayscale X-ray is broadcast to the 3 channels the networks expect instead
-        # of being expanded, normalised and then copied again.
-        return torch.addcmul(self.shift, x.expand(n, 3, h, w), self.scale, out=out)
+        out = torch.empty((n, chans, h, w), device=x.device, memory_format=fmt)
+        # (x - mean) / std as one fused pass written straight into the output in its final memory format: a
+        # grayscale X-ray is broadcast to the 3 channels an ImageNet network expects instead of being expanded,
+        # normalised and then copied again.
+        return torch.addcmul(self.shift, x.expand(n, chans, h, w), self.scale, out=out)
 
     def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         n = x.shape[0]

@@ -30,7 +30,8 @@ GROUPS = ("model", "init", "data", "train", "recipe")  # those a config has: rtl
 RUNTIME_KEYS = ("amp",)
 # Keys added to the schema after runs were made: at these defaults they decode every earlier data set as it was
 # decoded, so they stay out of the identity there, and the runs made before them keep their setting ids.
-LATER_DEFAULTS = {"data.dicom_window": "auto", "data.dicom_frame": None}
+# (init.source: unset, ImageNet weights as before; set, chest X-ray weights, a setting of its own.)
+LATER_DEFAULTS = {"data.dicom_window": "auto", "data.dicom_frame": None, "init.source": None}
 
 
 def _flat(prefix: str, node: Any, out: dict[str, Any]) -> None:

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from . import __version__, atomic_io, runfiles as rf
-from .config import validate
+from .config import init_tag, validate
 from .data import DataBundle, build_data, check_label_names, check_learnable, dataset_labels
 from .engine import (Batcher, EpochProgress, Precision, configure_device, device_name, make_batchers, make_optimizer,
                      masked_bce, maybe_compile, move_to_device, predict_probs, resolve_precision, restore_rng,
@@ -84,7 +84,7 @@ def setup(cfg: DictConfig) -> TrainSetup:
     seed_everything(int(tc.seed))
     labels = dataset_labels(cfg.data)
     check_label_names(labels)
-    model = build_model(cfg.model, num_labels=len(labels), image_size=int(cfg.data.image_size))
+    model = build_model(cfg.model, num_labels=len(labels), image_size=int(cfg.data.image_size), init=cfg.init)
     check_image_size(model, int(cfg.data.image_size))
     init = apply_init(model, cfg.init, slot=weights_slot(cfg.model))  # logs what was loaded and what is new
     data = build_data(cfg.data, train_seed=int(tc.seed))
@@ -288,7 +288,8 @@ def score_best(cfg: DictConfig, s: TrainSetup, state: TrainState, settings: dict
     write_predictions(run_dir.file(rf.PREDICTIONS), kept, s.labels)
     images_seen = sum(r["images_seen"] for r in state.history)
     facts = RunFacts(
-        dataset=s.data.name, model=str(cfg.model.tag), init=str(cfg.init.name), strategy=s.init.strategy,
+        dataset=s.data.name, model=str(cfg.model.tag), init=init_tag(cfg.init.name, cfg.init.source),
+        strategy=s.init.strategy,
         fraction=float(cfg.data.fraction), seed=int(cfg.train.seed), setting_id=setting_id(settings),
         params=s.n_params, best_epoch=int(best["epoch"]), epochs_run=len(state.history), epochs=int(cfg.train.epochs),
         n_train=len(s.data.train), n_val=len(s.data.val), n_test=len(s.data.test), split_rule=s.data.split_rule,
@@ -308,8 +309,8 @@ def _same_installed_weights(cfg: DictConfig, row: dict[str, Any], path: Path) ->
     """A finished run is skipped only if init=pretrained would still start from its weights: installing,
     replacing or removing rtl pretrain weights for the model (or another RTL_WEIGHTS) since then changes what
     the same settings mean."""
-    if str(cfg.init.name) != "pretrained" or cfg.init.weights:
-        return
+    if str(cfg.init.name) != "pretrained" or cfg.init.weights or cfg.init.source:
+        return  # (weights of another source than ImageNet are never rtl pretrain's)
     slot = weights_slot(cfg.model)
     now = installed(slot)
     used, used_sha = str(row.get("weights", "")), str(row.get("weights_sha256", "") or "")

@@ -7,12 +7,14 @@ interval, a bootstrap p-value and, for AUROC, DeLong's test (stats.py says how).
 
 Which comparisons: those the paper makes, wherever a sweep has both sides,
 
-* TL vs RI: the same model, dataset, fraction and other settings, init=pretrained minus init=random;
+* TL vs RI: the same model, dataset, fraction and other settings, init=pretrained minus init=random (and with
+  chest X-ray runs, init=xrv minus init=random and minus init=pretrained: TL-CXR vs RI, TL-CXR vs TL);
 * truncated or slim vs full: each truncated or slim model (either init) minus its full model with TL
   (Res-T* -> ResNet50, Dens-T* / Dens-S* -> DenseNet121, a timm backbone cut at a stage -> the whole one);
 
 and any pair named with ``rtl report --compare A B``, at every dataset and fraction that has both. A side is
-``MODEL[/INIT][:KEY=VALUE[,KEY=VALUE...]]`` (Selector): ``dens_t1/pretrained``, ``dens_t1/TL``, or
+``MODEL[/INIT][:KEY=VALUE[,KEY=VALUE...]]`` (Selector): ``dens_t1/pretrained``, ``dens_t1/TL``, ``dens_t1/xrv``
+(or ``dens_t1/TL-CXR``, torchxrayvision's chest X-ray weights), or
 ``dens_t1/random:train.lr=0.001`` for one of several settings of a model x init (the KEY=VALUE parts as the
 report's settings column prints them). Each side pools its seeds: the difference is averaged over the seeds
 the two sides share, each scored on the same resampled images.
@@ -38,8 +40,11 @@ from .stats import LEVEL, STAT_METRICS, Scored, Holdout, TooFewImages, bootstrap
 # A truncated or slim model's full counterpart (results.csv model tags).
 FULL_OF = ((re.compile(r"^res_[ts]\d+$"), "res_f"), (re.compile(r"^dens_[ts]\d+$"), "dens_f"),
            (re.compile(r"^trunc-(.+)-cut\d+$"), r"timm-\1"))
-INIT_SHORT = {"pretrained": "TL", "random": "RI"}
+INIT_SHORT = {"pretrained": "TL", "random": "RI", "xrv": "TL-CXR"}  # xrv: chest X-ray weights (torchxrayvision)
 INIT_OF_SHORT = {short: init for init, short in INIT_SHORT.items()}
+# The inits compared wherever one model has both (A minus B): ImageNet TL vs RI, as the paper; where there are chest
+# X-ray runs, chest X-ray TL vs RI and vs ImageNet TL.
+INIT_PAIRS = (("pretrained", "random"), ("xrv", "random"), ("xrv", "pretrained"))
 Pair = tuple[str, int, int]  # a comparison: its kind, the summary index of A and of B
 # comparisons.csv
 COLUMNS = ["dataset", "scored_on", "fraction", "comparison", "a", "b", "a_model", "a_init", "b_model", "b_init",
@@ -209,14 +214,16 @@ def pairs(summary: pd.DataFrame, asked: list[tuple[str, str]]) -> tuple[list[Pai
 def _tl_vs_ri(cell: pd.DataFrame, where: str) -> tuple[list[Pair], list[str]]:
     out, notes = [], []
     for _, rows in cell.groupby("model", sort=False):
-        tl, ri = rows[rows["init"] == "pretrained"], rows[rows["init"] == "random"]
-        for i, a in tl.iterrows():
-            match = ri[ri["settings"] == a["settings"]]  # the same settings apart from init, or no pair
-            if len(match) == 1:
-                out.append(("TL vs RI", i, match.index[0]))
-            elif len(ri):
-                notes.append(f"{where}: {describe(a)} has no RI counterpart with the same settings: TL vs RI "
-                             "not compared")
+        for a_init, b_init in INIT_PAIRS:
+            kind = f"{INIT_SHORT[a_init]} vs {INIT_SHORT[b_init]}"
+            tl, ri = rows[rows["init"] == a_init], rows[rows["init"] == b_init]
+            for i, a in tl.iterrows():
+                match = ri[ri["settings"] == a["settings"]]  # the same settings apart from init, or no pair
+                if len(match) == 1:
+                    out.append((kind, i, match.index[0]))
+                elif len(ri):
+                    notes.append(f"{where}: {describe(a)} has no {INIT_SHORT[b_init]} counterpart with the same "
+                                 f"settings: {kind} not compared")
     return out, notes
 
 

@@ -33,8 +33,9 @@ from ..errors import UserError  # noqa: E402
 from ..metrics import DEFAULT_METRICS, METRIC_NAMES, TOY_POSITIVE_RANKS, toy_classifiers  # noqa: E402
 from .results import CELL, label_names, metric_column  # noqa: E402
 
-INIT_LABEL = {"random": "RI", "pretrained": "TL"}
-INIT_COLOR = {"random": "#a9a9a9", "pretrained": "#1f77b4"}
+# pretrained: ImageNet TL; xrv: TL from torchxrayvision's chest X-ray DenseNet121 (init=xrv)
+INIT_LABEL = {"random": "RI", "pretrained": "TL", "xrv": "TL-CXR"}
+INIT_COLOR = {"random": "#a9a9a9", "pretrained": "#1f77b4", "xrv": "#d95f02"}
 MODEL_LABELS = {
     "cbr_large_t": "CBR-LargeT", "cbr_large_w": "CBR-LargeW", "cbr_small": "CBR-Small", "cbr_tiny": "CBR-Tiny",
     "dens_f": "DenseNet121", "res_f": "ResNet50",
@@ -187,6 +188,13 @@ def claims(summary: pd.DataFrame, models: list[str] | None = None, note: str = "
     """``make claims``: fig3's bars for EfficientNet-Lite0 whole and truncated, RI vs TL."""
     return tl_vs_ri(summary, models, note, metrics, "Claims 2 and 3 in miniature: RI vs TL, whole vs truncated "
                     "EfficientNet-Lite0 (real ImageNet weights)")
+
+
+def xrv(summary: pd.DataFrame, models: list[str] | None = None, note: str = "",
+        metrics: tuple[str, ...] = DEFAULT_METRICS) -> Figure:
+    """``+experiment=xrv``: fig3's bars for the DenseNet ladder, RI vs ImageNet TL vs chest X-ray TL."""
+    return tl_vs_ri(summary, models, note, metrics, "RI vs ImageNet TL vs chest X-ray TL (TL-CXR: torchxrayvision) "
+                    "by depth kept and amount of training data")
 
 
 def tl_vs_ri(summary: pd.DataFrame, models: list[str] | None, note: str, metrics: tuple[str, ...],
@@ -367,7 +375,7 @@ def fig7(summary: pd.DataFrame, models: list[str] | None = None, note: str = "",
 
 
 FIGURES: dict[str, Callable[..., Figure]] = {"fig3": fig3, "fig4": fig4, "fig5": fig5, "fig6": fig6, "fig7": fig7,
-                                              "claims": claims}
+                                              "claims": claims, "xrv": xrv}
 
 
 def one_setting_per_cell(name: str, summary: pd.DataFrame) -> None:

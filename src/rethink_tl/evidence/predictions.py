@@ -116,7 +116,8 @@ def read(path: str | Path) -> Predictions:
     try:
         with gzip.open(path, "rb") as fh:
             text = fh.read()
-        df = pd.read_csv(io.BytesIO(text), dtype={"split": str, "id": str, "patient": str}, keep_default_na=False)
+        df = pd.read_csv(io.BytesIO(text), dtype={"split": str, "id": str, "patient": str}, keep_default_na=False,
+                         float_precision="round_trip")
     except (OSError, EOFError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
         raise DamagedFile(f"{path} is damaged ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): "
                         "run the run again with runtime.force=true") from None

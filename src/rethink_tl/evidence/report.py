@@ -663,7 +663,8 @@ def external_results(root: Path, runs: pd.DataFrame,
             if not (file.parent / EXTERNAL_MARK).exists():
                 continue
             try:
-                row = pd.read_csv(file, dtype={c: str for c in ("dataset", "model", "init", "strategy", "setting_id",
+                row = pd.read_csv(file, float_precision="round_trip",
+                                  dtype={c: str for c in ("dataset", "model", "init", "strategy", "setting_id",
                                                                 "trained_on")}).iloc[0].to_dict()
                 missing = [c for c in (*EXTERNAL_KEY, "seed", "test_auroc", "test_auprc") if c not in row]
                 if missing:

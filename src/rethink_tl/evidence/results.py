@@ -23,6 +23,7 @@ import pandas as pd
 import yaml
 
 from .. import runfiles as rf
+from ..config import init_tag
 from ..errors import UserError
 from ..metrics import METRICS, Scores
 
@@ -51,9 +52,17 @@ NUMERIC = ["fraction", "seed", "params"]
 # run's folder, leaves only that behind.)
 STARTED = rf.TRAIN_STARTED
 # The results columns that the identity settings of a run must agree with.
-# (Not dataset: the synthetic data calls itself "synthetic" whatever data.name says.)
-AGREE = {"model": "model.tag", "init": "init.name", "fraction": "data.fraction",
+# (Not dataset: the synthetic data calls itself "synthetic" whatever data.name says. Not init.name itself: the init
+# column is its tag, config.init_tag of init.name and init.source: random, pretrained or xrv.)
+AGREE = {"model": "model.tag", "init": "init.tag", "fraction": "data.fraction",
          "seed": "train.seed"}
+
+
+def _with_init_tag(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` (identity.json's) with the init's tag as "init.tag", when they name the init."""
+    if settings.get("init.name") is None:
+        return settings
+    return {**settings, "init.tag": init_tag(settings["init.name"], settings.get("init.source"))}
 
 
 # --- the results row ---------------------------------------------------------------------------------
@@ -240,6 +249,8 @@ def _where(settings: dict | None, cfg: dict | None) -> tuple:
         except (TypeError, ValueError):
             raise ValueError(f"data.fraction={fraction!r} is not a number") from None
     text = [get(*keys) for keys in (("data.name",), ("model.tag", "model.name"), ("init.name",))]
+    if text[2] is not None:
+        text[2] = init_tag(text[2], get("init.source"))
     return (*[None if v is None else str(v) for v in text], fraction)
 
 
@@ -252,7 +263,9 @@ def _results_row(file: Path) -> dict[str, Any]:
     """The one row of a results.csv, typed; ValueError saying what is wrong with it."""
     try:
         # A hex id such as 0001e123 would otherwise be read as a number and lose its digits.
-        df = pd.read_csv(file, dtype={c: str for c in ("dataset", "model", "init", "strategy", "setting_id")})
+        # round_trip: the floats written, exactly (pandas 2's default parser can be one ulp off)
+        df = pd.read_csv(file, float_precision="round_trip",
+                         dtype={c: str for c in ("dataset", "model", "init", "strategy", "setting_id")})
     except pd.errors.EmptyDataError:
         raise ValueError(f"{RESULTS_FILE} is empty") from None
     except (UnicodeDecodeError, pd.errors.ParserError, ValueError, OSError) as err:
@@ -293,6 +306,7 @@ def _check_agree(row: dict, sid: str | None, settings: dict) -> None:
     if row["setting_id"] and sid and row["setting_id"] != sid:
         raise ValueError(f"{RESULTS_FILE} has setting_id {row['setting_id']} but {IDENTITY_FILE} {sid}: "
                          "the folder holds files of two different runs")
+    settings = _with_init_tag(settings)
     for col, key in AGREE.items():
         if key in settings and settings[key] is not None:
             a, b = row[col], settings[key]

@@ -27,12 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import runfiles as rf
 from ..atomic_io import write_bytes
-from ..data import Split, build_data, finding_masks
+from ..data import finding_masks
 from ..errors import UserError
 from ..evidence import predictions
-from .finished import eval_batcher, load_run
+from .finished import eval_batcher, load_run, rebuild_data
 
 # (key, row title, how a row is picked); the order of the rows of each label.
 GROUPS = (
@@ -162,20 +161,6 @@ def _grey(images: torch.Tensor) -> np.ndarray:
     return x.numpy()
 
 
-def _rebuild_test(run) -> Split:
-    """The run's test split, rebuilt from its config; refused when it is not the data the run saw."""
-    expected = str(run.row.get("data_fingerprint") or "")
-    if not expected or expected == "nan":
-        raise UserError(f"{run.path / rf.RESULTS} records no data_fingerprint: the rebuilt images cannot be "
-                        "checked against the run's; run it again with runtime.force=true")
-    bundle = build_data(run.cfg.data, train_seed=int(run.cfg.train.seed))
-    if bundle.whole_fingerprint != expected:
-        raise UserError(f"the data of {run.path} changed since the run (fingerprint {expected}, rebuilt now "
-                        f"{bundle.whole_fingerprint}: images, labels or file names differ): its maps would show "
-                        "other images; run it again with runtime.force=true")
-    return bundle.test
-
-
 def explain(run_dir: str | Path, label: str | None = None, n: int = 4, out: str | Path | None = None,
             write: bool = True) -> Explanation:
     """Pick, map and draw (module docstring); the figure goes to ``out`` (default RUN_DIR/explain/)."""
@@ -189,7 +174,7 @@ def explain(run_dir: str | Path, label: str | None = None, n: int = 4, out: str 
         raise UserError(f"{pred.path} names labels {pred.label_names}, the model {run.labels}: the file is not this "
                         "run's; run it again with runtime.force=true")
     test = pred.split("test")
-    split = _rebuild_test(run)
+    split = rebuild_data(run, "its maps would show other images").test
     where = {i: k for k, i in enumerate(split.ids)}
     missing = [i for i in test.ids if i not in where]
     if missing:

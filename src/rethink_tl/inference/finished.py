@@ -1,7 +1,7 @@
 """A finished run, loaded back for use: its config, its labels and its best checkpoint in a model.
 
-``rtl evaluate``, ``rtl predict`` and ``rtl explain`` start here. A folder that is not a finished run (no
-results.csv, no best.pt, a damaged config) is refused with one message saying what is missing.
+``rtl evaluate``, ``rtl predict``, ``rtl explain`` and ``rtl export`` start here. A folder that is not a finished
+run (no results.csv, no best.pt, a damaged config) is refused with one message saying what is missing.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .. import atomic_io, runfiles as rf
+from ..data import DataBundle, build_data
 from ..engine import Batcher, predict_probs
 from ..errors import UserError
 from ..evidence.results import BrokenRun, label_names, read_run, run_dirs
@@ -73,7 +74,8 @@ def load_run(path: str | Path, model: bool = True) -> FinishedRun:
                         "run it again with runtime.force=true")
     if not model:
         return FinishedRun(path, cfg, run.row, labels, None, int(run.row.get("best_epoch", 0)))
-    model = build_model(cfg.model, num_labels=len(labels), image_size=int(cfg.data.image_size))
+    # The init config too: chest X-ray weights (init.source) made a grey-input model.
+    model = build_model(cfg.model, num_labels=len(labels), image_size=int(cfg.data.image_size), init=cfg.get("init"))
     state = atomic_io.load(best, fix="run the run again with runtime.force=true")
     try:
         model.load_state_dict(state["model"])
@@ -91,6 +93,34 @@ def finished_below(root: str | Path) -> list[Path]:
     if not root.is_dir():
         raise UserError(f"{root} is not a directory: pass a run folder or a sweep folder")
     return [p for p in run_dirs(root) if (p / rf.RESULTS).is_file() and (p / rf.BEST).is_file()]
+
+
+def one_run(run_dir: str | Path, command: str) -> FinishedRun:
+    """The finished run in ``run_dir`` for a ``command`` that uses one model; a sweep folder is refused with the
+    runs it holds."""
+    root = Path(run_dir)
+    if root.is_dir() and not (root / rf.RESULTS).exists():
+        below = finished_below(root)
+        if below:
+            shown = ", ".join(str(p) for p in below[:3]) + (", ..." if len(below) > 3 else "")
+            raise UserError(f"{run_dir} is a sweep folder with {len(below)} finished run(s) ({shown}): {command} "
+                            "uses one model, pass one run's folder")
+    return load_run(root)
+
+
+def rebuild_data(run: FinishedRun, purpose: str) -> DataBundle:
+    """The run's data (its three splits, the training subset cut), rebuilt from its config; refused when it is not
+    the data the run saw. ``purpose``: what other images would spoil, for the message."""
+    expected = str(run.row.get("data_fingerprint") or "")
+    if not expected or expected == "nan":
+        raise UserError(f"{run.path / rf.RESULTS} records no data_fingerprint: the rebuilt images cannot be "
+                        "checked against the run's; run it again with runtime.force=true")
+    bundle = build_data(run.cfg.data, train_seed=int(run.cfg.train.seed))
+    if bundle.whole_fingerprint != expected:
+        raise UserError(f"the data of {run.path} changed since the run (fingerprint {expected}, rebuilt now "
+                        f"{bundle.whole_fingerprint}: images, labels or file names differ): {purpose}; run it "
+                        "again with runtime.force=true")
+    return bundle
 
 
 def eval_batcher(model: torch.nn.Module):

@@ -30,13 +30,13 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from .. import atomic_io, runfiles as rf
+from .. import atomic_io
 from ..config import ImageFilesData
 from ..data import trained_channels
 from ..data.images import DECODE_ERRORS, ImageSpec, decode_image, file_channels, unreadable_reason
 from ..engine import pick_device as pick
 from ..errors import UserError
-from .finished import FinishedRun, finished_below, infer, load_run
+from .finished import FinishedRun, infer, one_run
 
 CHUNK = 256  # images decoded and inferred at a time: memory stays bounded on large folders
 _SHOW = 5  # bad files named in a message; the rest are counted
@@ -151,18 +151,6 @@ def _where_trained(data: DictConfig) -> str:
 
 # --- the command -------------------------------------------------------------------------------------
 
-def one_run(run_dir: str) -> FinishedRun:
-    """The finished run in ``run_dir``; a sweep folder is refused with the runs it holds."""
-    root = Path(run_dir)
-    if root.is_dir() and not (root / rf.RESULTS).exists():
-        below = finished_below(root)
-        if below:
-            shown = ", ".join(str(p) for p in below[:3]) + (", ..." if len(below) > 3 else "")
-            raise UserError(f"{run_dir} is a sweep folder with {len(below)} finished run(s) ({shown}): rtl predict "
-                            "uses one model, pass one run's folder")
-    return load_run(root)
-
-
 def predict_images(run: FinishedRun, listed: ImageList, *, skip_bad: bool, channels: Optional[int],
                    device: torch.device) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """(one row per usable image: path, prob_<label>...; the files left out with why)."""
@@ -226,7 +214,7 @@ def predict_to_file(run_dir: str, images: str, out: Optional[str] = None, *, for
     if out is not None and not target.parent.is_dir():
         raise UserError(f"--out {target}: the folder {target.parent} does not exist")
     where = pick_device(device)
-    run = one_run(run_dir)
+    run = one_run(run_dir, "rtl predict")
     listed = list_images(images, path_column)
     print(f"{run.path}: {listed.note}")
     table, bad = predict_images(run, listed, skip_bad=skip_bad, channels=channels, device=where)

@@ -7,6 +7,9 @@ from . import cbr, slim, truncated  # noqa: F401  (registration side effect)
 from .registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    XRAY_MEAN,
+    XRAY_SOURCE,
+    XRAY_STD,
     Classifier,
     ModelInfo,
     Trunk,
@@ -14,6 +17,8 @@ from .registry import (
     canonical_name,
     check_image_size,
     check_model_keys,
+    check_source,
+    chest_xray_input,
     model_names,
     register,
 )
@@ -24,6 +29,9 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MODEL_NAMES",
+    "XRAY_MEAN",
+    "XRAY_SOURCE",
+    "XRAY_STD",
     "Classifier",
     "ModelInfo",
     "Trunk",
@@ -31,6 +39,8 @@ __all__ = [
     "canonical_name",
     "check_image_size",
     "check_model_keys",
+    "check_source",
+    "chest_xray_input",
     "model_names",
     "register",
 ]

@@ -8,6 +8,7 @@ dropout, and a fresh ``Linear`` layer sized for the task.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from dataclasses import dataclass
@@ -18,10 +19,17 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
+from ..config import SOURCE_INITS, InitSource
 from ..errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# torchxrayvision's input: one grey channel, 8-bit values v scaled to (2 v / 255 - 1) * 1024, in [-1024, 1024]
+# (xrv.utils.normalize). In the Batcher's terms, (v / 255 - mean) / std, that is mean 0.5 and std 0.5 / 1024:
+# both powers of two, so the scaling is exactly xrv's in float32.
+XRAY_MEAN = (0.5,)
+XRAY_STD = (0.5 / 1024,)
+XRAY_SOURCE = InitSource.torchxrayvision.value  # init.source
 
 KINDS = ("cbr", "full", "truncated", "slim")
 
@@ -35,6 +43,9 @@ class ModelInfo:
     reused_prefixes: trunk-key prefixes that ``init=pretrained`` fills from the source architecture's
         ImageNet weights; the rest of the trunk stays freshly initialised. Empty for CBR nets, which
         have no ImageNet weights (a CBR checkpoint passed as ``init.weights`` fills the whole trunk).
+    family: where ``arch``'s weights come from: torchvision or timm (ImageNet), torchxrayvision (chest X-rays).
+    in_chans, mean, std: the input the trunk takes: ``in_chans`` channels, uint8 values v normalised per channel
+        to (v / 255 - mean) / std (engine.Batcher); ImageNet's 3 channels, or torchxrayvision's one.
     """
 
     name: str
@@ -44,13 +55,22 @@ class ModelInfo:
     source_prefix: str
     reused_prefixes: tuple[str, ...]
     min_image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     num_features: int
+    in_chans: int = 3
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if not len(self.mean) == len(self.std) == self.in_chans:
+            raise ValueError(f"mean and std need one value per input channel ({self.in_chans}), got {self.mean}, "
+                             f"{self.std}")
+
+
+def chest_xray_input(info: ModelInfo) -> ModelInfo:
+    """``info`` of a DenseNet121 trunk rebuilt for torchxrayvision's weights: one grey channel, xrv's scaling."""
+    return dataclasses.replace(info, family=XRAY_SOURCE, in_chans=1, mean=XRAY_MEAN, std=XRAY_STD)
 
 
 TrunkForward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -108,10 +128,10 @@ class Classifier(nn.Module):
         was_training = self.trunk.training
         self.trunk.eval()
         try:
-            # The trunk is still on the CPU here, so only the CPU generator needs forking. Batches always
-            # reach the model with 3 channels (engine.Batcher broadcasts grey images).
+            # The trunk is still on the CPU here, so only the CPU generator needs forking. Batches reach the
+            # model with its in_chans channels (engine.Batcher broadcasts or averages the stored ones).
             with torch.random.fork_rng(devices=[]), torch.no_grad():
-                features = self.forward_trunk(torch.zeros(1, 3, size, size))
+                features = self.forward_trunk(torch.zeros(1, self.info.in_chans, size, size))
         finally:
             self.trunk.train(was_training)
         if features.ndim != 4:
@@ -148,12 +168,17 @@ _ALIASES: dict[str, str] = {}
 # The optional keys of ModelConfig that only some models read: model name -> the ones it reads (and needs).
 OPTIONAL_KEYS = ("backbone", "cut")
 _READS: dict[str, tuple[str, ...]] = {}
+# Model name -> the weights sources other than ImageNet (init.source) its builder can build it for.
+_SOURCES: dict[str, tuple[str, ...]] = {}
 
 
-def register(name: str, *aliases: str, reads: tuple[str, ...] = ()) -> Callable[[Builder], Builder]:
+def register(name: str, *aliases: str, reads: tuple[str, ...] = (),
+             sources: tuple[str, ...] = ()) -> Callable[[Builder], Builder]:
     """Register ``builder(name, model_cfg) -> Trunk`` under ``name`` (and ``aliases``). ``reads``: which of
     OPTIONAL_KEYS the builder needs (``model.backbone`` for any timm net, ``model.cut`` for a cut one); the
-    others must be left out, or they would be ignored yet still name another run directory.
+    others must be left out, or they would be ignored yet still name another run directory. ``sources``: the
+    ``init.source`` values the model takes (torchxrayvision); for them it is called as
+    ``builder(name, model_cfg, source=SOURCE)`` and builds the trunk for that source's input.
 
     Each name also needs ``conf/model/NAME.yaml`` so the CLI can select it.
     """
@@ -167,6 +192,7 @@ def register(name: str, *aliases: str, reads: tuple[str, ...] = ()) -> Callable[
                 raise ValueError(f"model name {n!r} is registered twice")
         _BUILDERS[name] = builder
         _READS[name] = tuple(reads)
+        _SOURCES[name] = tuple(sources)
         for alias in aliases:
             _ALIASES[alias] = name
         return builder
@@ -189,6 +215,18 @@ def check_model_keys(model_cfg: Mapping[str, Any]) -> None:
                             f"{' / '.join(readers)}): leave it out")
 
 
+def check_source(model_cfg: Mapping[str, Any], source: str | None) -> None:
+    """UserError when ``init.source`` names weights of another architecture than the model's."""
+    if source is None:
+        return
+    name = canonical_name(str(model_cfg["name"]))
+    if source not in _SOURCES[name]:
+        takers = [n for n, s in _SOURCES.items() if source in s]
+        raise UserError(f"init.source={source} (init={SOURCE_INITS[source]}) has weights for the DenseNet121 models "
+                        f"only, not for model={name}: use it with model={', '.join(takers)}, or init=pretrained "
+                        "without init.source for ImageNet weights")
+
+
 def model_names() -> tuple[str, ...]:
     """Every name ``build_model`` accepts: registered names in registration order, then aliases."""
     return tuple(_BUILDERS) + tuple(_ALIASES)
@@ -204,13 +242,16 @@ def canonical_name(name: str) -> str:
     return name
 
 
-def build_model(model_cfg: Mapping[str, Any], num_labels: int, *, image_size: int | None = None) -> Classifier:
+def build_model(model_cfg: Mapping[str, Any], num_labels: int, *, image_size: int | None = None,
+                init: Mapping[str, Any] | None = None) -> Classifier:
     """Build the model named by ``model_cfg['name']`` with a fresh ``num_labels``-way head.
 
     Extra keys in ``model_cfg`` are passed to the builder, which ignores those it does not use.
-    ``image_size`` (the side of the square inputs) is needed by ``model.head=flatten`` only.
+    ``image_size`` (the side of the square inputs) is needed by ``model.head=flatten`` only. ``init``: the run's
+    init config, where ``init.source`` fixes what the model takes in (torchxrayvision: one grey channel); pass it
+    wherever a run's model is built, so that the same config always builds the same model.
     """
-    from ..config import ModelConfig, typed
+    from ..config import ModelConfig, init_source, typed
 
     model_cfg = typed(ModelConfig, model_cfg, where="model")
     name = None if OmegaConf.is_missing(model_cfg, "name") else model_cfg.name
@@ -218,8 +259,12 @@ def build_model(model_cfg: Mapping[str, Any], num_labels: int, *, image_size: in
         raise UserError(f"the model config has no name; choose one with model=NAME from: {', '.join(model_names())}")
     name = canonical_name(str(name))
     check_model_keys(model_cfg)
-    return Classifier(_BUILDERS[name](name, model_cfg), num_labels, head=str(model_cfg.head),
-                      dropout=float(model_cfg.dropout), image_size=image_size)
+    source = init_source(init)
+    check_source(model_cfg, source)
+    builder = _BUILDERS[name]
+    trunk = builder(name, model_cfg, source=source) if source else builder(name, model_cfg)
+    return Classifier(trunk, num_labels, head=str(model_cfg.head), dropout=float(model_cfg.dropout),
+                      image_size=image_size)
 
 
 def check_image_size(model: Classifier, size: int) -> None:

@@ -15,8 +15,8 @@ import torchvision
 from torch import nn
 from torchvision.models.densenet import _DenseBlock, _Transition
 
-from .registry import IMAGENET_MEAN, IMAGENET_STD, ModelInfo, Trunk, register
-from .truncated import DEEP_MIN_IMAGE_SIZE, densenet_out_channels
+from .registry import IMAGENET_MEAN, IMAGENET_STD, XRAY_SOURCE, ModelInfo, Trunk, chest_xray_input, register
+from .truncated import DEEP_MIN_IMAGE_SIZE, densenet_out_channels, grey_stem
 
 SLIM_GROWTH_RATE = 16
 SLIM_CUTS = {"dens_s1": 1, "dens_s2": 2, "dens_s3": 3}
@@ -51,7 +51,7 @@ def slim_densenet121(keep_blocks: int, growth_rate: int = SLIM_GROWTH_RATE) -> n
     return nn.Sequential(OrderedDict([*children, *new, ("relu5", nn.ReLU(inplace=True))]))
 
 
-def _build_slim(name: str, cfg: Mapping[str, Any], *, keep_blocks: int) -> Trunk:
+def _build_slim(name: str, cfg: Mapping[str, Any], *, keep_blocks: int, source: str | None = None) -> Trunk:
     trunk = slim_densenet121(keep_blocks)
     reused = ("conv0.", "norm0.") + tuple(
         f"{part}{i}." for i in range(1, keep_blocks + 1) for part in ("denseblock", "transition"))
@@ -59,8 +59,11 @@ def _build_slim(name: str, cfg: Mapping[str, Any], *, keep_blocks: int) -> Trunk
         name=name, kind="slim", arch="densenet121", family="torchvision", source_prefix="features.",
         reused_prefixes=reused, min_image_size=DEEP_MIN_IMAGE_SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD,
         num_features=densenet_out_channels(trunk))
+    if source == XRAY_SOURCE:
+        grey_stem(trunk)
+        info = chest_xray_input(info)
     return Trunk(trunk, info)
 
 
 for _name, _keep in SLIM_CUTS.items():
-    register(_name)(partial(_build_slim, keep_blocks=_keep))
+    register(_name, sources=(XRAY_SOURCE,))(partial(_build_slim, keep_blocks=_keep))

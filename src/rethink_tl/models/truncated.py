@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 
 from ..errors import UserError
-from .registry import IMAGENET_MEAN, IMAGENET_STD, ModelInfo, Trunk, register
+from .registry import IMAGENET_MEAN, IMAGENET_STD, XRAY_SOURCE, ModelInfo, Trunk, chest_xray_input, register
 
 # Padding lets ResNet shrink any input to a 1x1 map, but DenseNet's un-padded 2x2 average pools after
 # a /4 stem need about 30 px, and timm nets reach stride 32: 32 px suits every deep trunk here.
@@ -78,6 +78,16 @@ def densenet121_trunk(blocks: int | None) -> nn.Sequential:
     return nn.Sequential(OrderedDict(children))
 
 
+def grey_stem(features: nn.Module) -> None:
+    """Make a DenseNet121 ``features`` (or a trunk made of its children) read one grey channel, as
+    torchxrayvision's DenseNet does: conv0 becomes [64, 1, 7, 7], freshly initialised as torchvision
+    initialises it; every other module, and every key name, stays torchvision's."""
+    rgb = features.conv0
+    features.conv0 = nn.Conv2d(1, rgb.out_channels, kernel_size=rgb.kernel_size, stride=rgb.stride,
+                               padding=rgb.padding, bias=False)
+    nn.init.kaiming_normal_(features.conv0.weight)
+
+
 def _deep_info(name: str, kind: str, arch: str, source_prefix: str, trunk: nn.Module,
                num_features: int) -> ModelInfo:
     return ModelInfo(
@@ -102,17 +112,22 @@ def densenet_out_channels(modules: Sequence[nn.Module]) -> int:
     raise ValueError("trunk has no BatchNorm2d or transition to read its width from")
 
 
-def _build_densenet(name: str, cfg: Mapping[str, Any], *, blocks: int | None, kind: str) -> Trunk:
+def _build_densenet(name: str, cfg: Mapping[str, Any], *, blocks: int | None, kind: str,
+                    source: str | None = None) -> Trunk:
     trunk = densenet121_trunk(blocks)
-    return Trunk(trunk, _deep_info(name, kind, "densenet121", "features.", trunk, densenet_out_channels(trunk)))
+    info = _deep_info(name, kind, "densenet121", "features.", trunk, densenet_out_channels(trunk))
+    if source == XRAY_SOURCE:
+        grey_stem(trunk)
+        info = chest_xray_input(info)
+    return Trunk(trunk, info)
 
 
 register("res_f", "resnet50")(partial(_build_resnet, convs=49, kind="full"))
-register("dens_f", "densenet121")(partial(_build_densenet, blocks=None, kind="full"))
+register("dens_f", "densenet121", sources=(XRAY_SOURCE,))(partial(_build_densenet, blocks=None, kind="full"))
 for _name, _convs in RESNET_CUTS.items():
     register(_name)(partial(_build_resnet, convs=_convs, kind="truncated"))
 for _name, _blocks in DENSENET_CUTS.items():
-    register(_name)(partial(_build_densenet, blocks=_blocks, kind="truncated"))
+    register(_name, sources=(XRAY_SOURCE,))(partial(_build_densenet, blocks=_blocks, kind="truncated"))
 
 
 # --- any timm backbone -----------------------------------------------------------------------

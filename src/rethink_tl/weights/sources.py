@@ -2,6 +2,8 @@
 
 Search order (``imagenet_state``): ``init.weights``; the torch hub cache ($TORCH_HOME/hub/checkpoints); the
 Hugging Face cache (timm); an installed weights package (``PIP_WEIGHTS``); a download (``init.download``).
+Chest X-ray weights (``xrv_state``, init.source=torchxrayvision): ``init.weights``; torchxrayvision's cache
+(~/.torchxrayvision/models_data); a download from its release into that cache.
 
 A file from a port with other key names is a *dialect*: it is recognised by its names, never by how many
 tensors it has or in which order, and renamed by that dialect's explicit map (as timm's
@@ -12,8 +14,10 @@ reports it instead of loading it somewhere.
 from __future__ import annotations
 
 import importlib.resources
+import importlib.util
 import logging
 import os
+import pickle
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -194,8 +198,12 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         kind = "a safetensors file" if path.suffix == ".safetensors" else "a torch file (torch.save of a state dict)"
-        raise UserError(f"could not read weights file {path}: it is not {kind} ({type(err).__name__}: {err}); "
-                        "pass init.weights=PATH to a state dict of the model's architecture") from err
+        if path.suffix != ".safetensors" and any(n.startswith("torchxrayvision.") for n in _pickled_globals(path)):
+            raise UserError(f"{path} is a pickled torchxrayvision model (chest X-ray weights), not ImageNet weights: "
+                            "use init=xrv init.weights=FILE (init=pretrained init.source=torchxrayvision)") from err
+        raise UserError(f"could not read weights file {path}: it is not {kind} ({type(err).__name__}: "
+                        f"{_first_line(err)}); pass init.weights=PATH to a state dict of the model's architecture") \
+            from err
     return _normalise_keys(raw, str(path))
 
 
@@ -312,3 +320,174 @@ def in_source_names(state: dict[str, torch.Tensor], source: nn.Module, arch: str
     log.info("%s: %s key names; renamed %d of %d keys onto %s by the %s rename map", where, dialect.name,
              len(mapping), len(keys), arch, dialect.name)
     return renamed
+
+
+# --- torchxrayvision: chest X-ray DenseNet121 weights --------------------------------------------------
+
+# torchxrayvision's DenseNet121 weights (xrv.models.model_urls): weights name -> the file its v1 release holds.
+# torchxrayvision keeps them under these names in xrv_cache_dir(); init.source=torchxrayvision means the first, trained
+# on all of its datasets (NIH, PadChest, CheXpert, MIMIC-CXR, Google, OpenI, RSNA); the others load by init.weights=FILE.
+XRV_RELEASE = "https://github.com/mlmed/torchxrayvision/releases/download/v1/"
+_XRV_RECIPE = "densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt"
+XRV_DENSENET = {
+    "densenet121-res224-all": f"nih-pc-chex-mimic_ch-google-openi-kaggle-{_XRV_RECIPE}",
+    "densenet121-res224-nih": f"nih-{_XRV_RECIPE}",
+    "densenet121-res224-pc": f"pc-{_XRV_RECIPE}",
+    "densenet121-res224-chex": f"chex-{_XRV_RECIPE}",
+    "densenet121-res224-rsna": f"kaggle-{_XRV_RECIPE}",
+    "densenet121-res224-mimic_nb": f"mimic_nb-{_XRV_RECIPE}",
+    "densenet121-res224-mimic_ch": f"mimic_ch-{_XRV_RECIPE}",
+}
+XRV_DEFAULT = "densenet121-res224-all"
+# In a loaded xrv model's state dict but no weight: the operating points that rescale its own 18 outputs.
+XRV_NOT_WEIGHTS = ("op_threshs",)
+
+
+def xrv_cache_dir() -> Path:
+    """~/.torchxrayvision/models_data, where torchxrayvision downloads its weights (xrv.utils.get_cache_dir; it
+    reads no environment variable but HOME). Read now, so a HOME set later still counts."""
+    return Path(os.path.expanduser(os.path.join("~", ".torchxrayvision", "models_data")))
+
+
+def xrv_url(name: str = XRV_DEFAULT) -> str:
+    return XRV_RELEASE + XRV_DENSENET[name]
+
+
+def xrv_weights_name(path: str | os.PathLike) -> str | None:
+    """Which of torchxrayvision's DenseNet121 weights a file is, by its file name (None: another name)."""
+    return next((name for name, file in XRV_DENSENET.items() if Path(path).name == file), None)
+
+
+def xrv_state(weights: Any, download: bool) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict in a torchxrayvision DenseNet121 file (xrv's key names, not yet checked), and where it came
+    from: ``weights`` if given, else torchxrayvision's cache, else a download if ``download``."""
+    cached = xrv_cache_dir() / XRV_DENSENET[XRV_DEFAULT]
+    path = explicit_file(weights) if weights else (cached if cached.is_file() else None)
+    if path is None:
+        if not download:
+            raise UserError(missing_xrv_message("downloading is off (init.download=false)", offer_download=True))
+        if importlib.util.find_spec("torchxrayvision") is None:
+            # The release file is a pickled model: without the package it would be downloaded only to be refused.
+            raise UserError(missing_xrv_message("the torchxrayvision package, which reads the file its release "
+                                                "holds (a pickled model), is not installed: pip install "
+                                                "torchxrayvision (or rethink-tl[xrv]) first"))
+        url = xrv_url()
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            # Written to a temporary file beside it and moved into place: an interrupted download leaves no file.
+            torch.hub.download_url_to_file(url, str(cached))
+        except Exception as err:  # noqa: BLE001  (the network, the remote side or the disk: say what to supply)
+            raise UserError(missing_xrv_message(f"the download of {url} failed ({type(err).__name__}: {err})")) from err
+        path = cached
+    return read_xrv_file(path), str(path)
+
+
+def missing_xrv_message(why: str, offer_download: bool = False) -> str:
+    """One line: the file to supply, where it goes, where it is downloaded from (a user error is one line)."""
+    name, cache = XRV_DENSENET[XRV_DEFAULT], xrv_cache_dir()
+    return (f"no torchxrayvision chest X-ray weights ({XRV_DEFAULT}) found and {why}: put {name} into {cache} "
+            f"(torchxrayvision's cache, ~/.torchxrayvision/models_data/; URL {xrv_url()}), or pass init.weights=FILE "
+            "to a torchxrayvision DenseNet121 file" + (", or allow the download with init.download=true"
+                                                       if offer_download else ""))
+
+
+def read_xrv_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict of a torchxrayvision DenseNet121 file: a state dict (read safely, as any weights file), or a
+    whole pickled ``xrv.models.DenseNet``, the form of torchxrayvision's own release files. Unpickling a model
+    builds torchxrayvision's classes and runs what the pickle says (``weights_only=False``, as torchxrayvision
+    itself loads them), so it needs the torchxrayvision package and is done only for a file a plain read refuses."""
+    path = Path(path)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # what weights_only=True makes of a pickled module (and of a file of no pickle)
+        raw = _unpickle_xrv_model(path)
+    except Exception as err:  # noqa: BLE001  (torch.load raises many kinds for a file that is not its)
+        raise UserError(f"could not read weights file {path} ({type(err).__name__}: {_first_line(err)}): pass "
+                        "init.weights=FILE to a torchxrayvision DenseNet121 file (a state dict or a pickled "
+                        "model)") from err
+    if isinstance(raw, nn.Module):
+        raw = raw.state_dict()
+    state = _normalise_keys(raw, str(path))
+    return {k: v for k, v in state.items() if k not in XRV_NOT_WEIGHTS}
+
+
+# What a pickled torchxrayvision DenseNet may name besides what weights_only allows anyway: its own classes and
+# torch's layers. A pickle naming anything else (os.system, builtins.eval, ...) is refused before it is unpickled.
+XRV_PICKLE_ALLOWED = ("torchxrayvision.", "torch.nn.modules.")
+
+
+def _pickled_globals(path: Path) -> list[str]:
+    """The globals (module.name) a torch file's pickles name, read without unpickling: the data.pkl of a zip file,
+    or the pickles at the start of the legacy format (torchxrayvision's release files); [] when it cannot be told."""
+    import io
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                streams = [io.BytesIO(z.read(n)) for n in z.namelist() if n.endswith("data.pkl")]
+            count = 1
+        else:
+            streams, count = [io.BytesIO(path.read_bytes())], 5  # magic, protocol, sys info, object, storage keys
+        names: set[str] = set()
+        for stream in streams:
+            for _ in range(count):
+                strings: list[str] = []
+                for op, arg, _pos in pickletools.genops(stream):
+                    if op.name == "GLOBAL":
+                        names.add(str(arg).replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        names.add(f"{strings[-2]}.{strings[-1]}")
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+    except Exception:  # noqa: BLE001  (not a torch file, damaged: the caller's message says so)
+        return []
+    return sorted(names)
+
+
+# What weights_only allows by itself, as torch's pickles name it: sets, ordered dicts, tensor and storage rebuilding.
+_WEIGHTS_ONLY_OWN = re.compile(r"^(__builtin__|builtins)\.set$|^collections\.OrderedDict$|^torch\._utils\._rebuild_\w+$"
+                               r"|^torch\.\w*Storage$|^torch\.(Size|device|dtype|float\d*|int\d*|bool|bfloat16)$")
+
+
+def _resolve(name: str) -> Any:
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _unpickle_xrv_model(path: Path) -> Any:
+    if importlib.util.find_spec("torchxrayvision") is None:
+        raise UserError(f"{path} is not a plain state dict (torch.load with weights_only=True refuses it): "
+                        "torchxrayvision's own files are whole pickled models, and unpickling one needs its classes, "
+                        "so the torchxrayvision package is not installed here: pip install torchxrayvision (or "
+                        "rethink-tl[xrv]), or pass init.weights=FILE to a state dict of the model "
+                        "(torch.save(model.state_dict(), FILE) where torchxrayvision is installed)")
+    names = _pickled_globals(path)
+    foreign = [n for n in names if not n.startswith(XRV_PICKLE_ALLOWED) and not _WEIGHTS_ONLY_OWN.match(n)]
+    if not names:
+        raise UserError(f"could not read weights file {path}: neither a state dict nor a pickled torchxrayvision "
+                        "model; pass init.weights=FILE to a torchxrayvision DenseNet121 file")
+    if foreign:
+        raise UserError(f"{path} is not a plain state dict, and its pickle names {foreign[0]}, which is not a "
+                        "torchxrayvision model's: refused unread (unpickling runs what a pickle names); pass "
+                        "init.weights=FILE to a torchxrayvision DenseNet121 file")
+    log.info("%s is a pickled torchxrayvision model: its pickles name only its own classes and torch's layers (%d "
+             "globals), so it is read", path, len(names))
+    try:
+        with torch.serialization.safe_globals([_resolve(n) for n in names if n.startswith(XRV_PICKLE_ALLOWED)]):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:
+                # The legacy format (torchxrayvision's release files) stores a module's class as a persistent id,
+                # which weights_only refuses whatever is allowed. Every global its pickles name was checked above
+                # (its classes, torch's layers, tensor rebuilding): nothing else can be called while unpickling.
+                return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001  (anything unpickling may raise: it is the file's)
+        raise UserError(f"could not read weights file {path}: neither a state dict nor a pickled torchxrayvision "
+                        f"model ({type(err).__name__}: {_first_line(err)})") from err
+
+
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__

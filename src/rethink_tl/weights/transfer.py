@@ -8,6 +8,9 @@ ResNet50 / DenseNet121 or a timm backbone). The file's keys are put into the sou
 dialect's rename map, ``sources.in_source_names``), then loaded strictly into a fresh source model, so a wrong,
 tampered or unmapped file fails loudly; only then are the trunk's reused tensors copied over by name.
 Weights ``rtl pretrain`` installed (``store``) come first: they are of the model itself, and fill its whole trunk.
+``init.source=torchxrayvision`` takes the source architecture's weights from torchxrayvision's chest X-ray DenseNet121
+instead of ImageNet (``sources.xrv_state``); the model must have been built for it (``build_model(..., init=...)``:
+a grey stem), and everything after the file is read (strict check, copy by name, report) is as for ImageNet.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from .. import runfiles as rf
-from ..config import InitConfig, InitName, typed
+from ..config import InitConfig, InitName, init_source, typed
 from ..errors import UserError
-from ..models import Classifier, ModelInfo
-from .sources import explicit_file, imagenet_state, in_source_names, read_weights_file
+from ..models import XRAY_SOURCE, Classifier, ModelInfo
+from ..models.truncated import grey_stem
+from .sources import explicit_file, imagenet_state, in_source_names, read_weights_file, xrv_state, xrv_weights_name
 from .store import installed, sha256_file, weights_home, weights_slot
 
 log = logging.getLogger(__name__)
@@ -74,10 +78,15 @@ def apply_init(model: Classifier, init_cfg: Mapping[str, Any], slot: str | None 
     model's name)."""
     init_cfg = typed(InitConfig, init_cfg, where="init")
     if OmegaConf.is_missing(init_cfg, "name"):
-        raise UserError("no init given: choose init=random or init=pretrained")
+        raise UserError("no init given: choose init=random, init=pretrained (ImageNet) or init=xrv (chest X-rays)")
     init_name = str(init_cfg.name)
     info = model.info
     strategy = strategy_for(info.kind, init_name)
+    source = init_source(init_cfg)
+    if source != (XRAY_SOURCE if info.family == XRAY_SOURCE else None):
+        built = "torchxrayvision's grey input" if info.family == XRAY_SOURCE else "ImageNet's input"
+        raise ValueError(f"{info.name} was built for {built} but init.source is {source}: build the model with "
+                         "build_model(..., init=init_cfg)")
     weights = init_cfg.weights
     if init_name == "random":
         if weights:
@@ -86,14 +95,15 @@ def apply_init(model: Classifier, init_cfg: Mapping[str, Any], slot: str | None 
     else:
         if slot is None and info.name not in ("timm", "trunc"):  # those need backbone (and cut) to be named
             slot = weights_slot({"name": info.name})
-        own = None if weights or slot is None else installed(slot)
+        own = None if weights or slot is None or source else installed(slot)
         if own is not None:
             report = _init_from_installed(model, *own, strategy)
         else:
-            state, source = _source_state_dict(model, weights, bool(init_cfg.download))
+            state, where = _source_state_dict(model, weights, bool(init_cfg.download))
             loaded = copy_into_trunk(model, state)
-            sha = sha256_file(source) if os.path.isfile(source) else ""
-            report = InitReport(strategy, source, loaded, fresh_modules(model, {f"trunk.{k}" for k in loaded}), sha)
+            sha = sha256_file(where) if os.path.isfile(where) else ""
+            report = InitReport(strategy, where, loaded, fresh_modules(model, {f"trunk.{k}" for k in loaded}), sha,
+                                _about_source(info, where))
     log.info("%s", report.summary())
     return report
 
@@ -119,6 +129,9 @@ def _init_from_installed(model: Classifier, path: Path, meta: dict[str, Any], st
 def _source_state_dict(model: Classifier, weights: Any, download: bool) -> tuple[dict[str, torch.Tensor], str]:
     """The validated state dict of the source architecture (CBR: of the trunk), and where it came from."""
     info = model.info
+    if info.family == XRAY_SOURCE:
+        state, where = xrv_state(weights, download)
+        return validated(info, state, where), where
     if info.kind != "cbr":
         state, where = imagenet_state(info, weights, download)
         return validated(info, state, where), where
@@ -132,6 +145,13 @@ def _source_state_dict(model: Classifier, weights: Any, download: bool) -> tuple
     return validated_cbr(model, read_weights_file(path), str(path)), str(path)
 
 
+def _about_source(info: ModelInfo, where: str) -> str:
+    if info.family != XRAY_SOURCE:
+        return ""
+    # Which of torchxrayvision's weights, where the file has the name its release gives it.
+    return f"torchxrayvision {xrv_weights_name(where) or 'DenseNet121'}"
+
+
 # --- validating against the source ------------------------------------------------------------
 
 def source_model(info: ModelInfo, with_classifier: bool = False) -> tuple[nn.Module, tuple[str, ...]]:
@@ -141,8 +161,10 @@ def source_model(info: ModelInfo, with_classifier: bool = False) -> tuple[nn.Mod
     allocating and initialising 25M parameters first.
     """
     with torch.device("meta"):
-        if info.family == "torchvision":
+        if info.family in ("torchvision", XRAY_SOURCE):
             net = getattr(torchvision.models, info.arch)(weights=None)
+            if info.family == XRAY_SOURCE:  # torchxrayvision's DenseNet: torchvision's names, a grey conv0
+                grey_stem(net.features)
             classifier = TORCHVISION_CLASSIFIER[info.arch]
             if not with_classifier:
                 setattr(net, classifier, nn.Identity())
@@ -165,9 +187,28 @@ def validated(info: ModelInfo, state: dict[str, torch.Tensor], where: str) -> di
     if not set(expected) <= set(state):
         state = in_source_names(state, source, info.arch, where)
     state = {k: v for k, v in state.items() if not under(k, classifier)}
+    _check_input_channels(info, state, expected, where)
     check_fit(state, expected, where, info.arch)
     source.load_state_dict(state, strict=True, assign=True)
     return source.state_dict()
+
+
+def _check_input_channels(info: ModelInfo, state: dict[str, torch.Tensor], expected: dict[str, torch.Size],
+                          where: str) -> None:
+    """A DenseNet121 file for the other input (ImageNet's 3 channels, torchxrayvision's 1) is named as such, not
+    just as a wrong shape: the fix is the init, not the file."""
+    stem = "features.conv0.weight"
+    if info.arch != "densenet121" or stem not in state or state[stem].ndim != 4 \
+            or state[stem].shape[1] == expected[stem][1]:
+        return
+    if info.family == XRAY_SOURCE:
+        raise UserError(f"weights file {where} is for {state[stem].shape[1]}-channel input ({stem} "
+                        f"{tuple(state[stem].shape)}), not torchxrayvision's grey DenseNet121: ImageNet weights go "
+                        "with init=pretrained and no init.source; for chest X-ray weights pass a torchxrayvision file")
+    if state[stem].shape[1] == 1:
+        raise UserError(f"weights file {where} is for grey, 1-channel input ({stem} {tuple(state[stem].shape)}), as "
+                        f"torchxrayvision's are, not {info.arch}'s ImageNet input: load it with init=xrv (init.source="
+                        f"{XRAY_SOURCE})")
 
 
 def validated_cbr(model: Classifier, state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
