@@ -74,7 +74,10 @@ def load(path: Path, map_location: str | torch.device = "cpu", fix: str | None =
     DamagedFile naming the file and ``fix`` (what to do about it)."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError) as err:
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError, OSError) as err:
+        # (OSError: torch's zip reader on a truncated file, "[Errno 22] Invalid argument")
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DamagedFile(f"{path} is damaged or incomplete ({reason[:200]}); "
                         + (fix or "delete it or restore it from a backup")) from err

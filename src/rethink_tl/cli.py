@@ -542,7 +542,7 @@ def _advise(argv: list[str]) -> None:
     print(done.text, end="")
 
 
-# --- rtl evaluate | predict | explain ------------------------------------------------------------------
+# --- rtl evaluate | predict | explain | export ---------------------------------------------------------
 
 def _evaluate(argv: list[str]) -> None:
     from .inference.evaluate import evaluate_runs
@@ -601,6 +601,23 @@ def _explain(argv: list[str]) -> None:
     parser.add_argument("--out", metavar="DIR", help="where the PNG and PDF go (default RUN_DIR/explain/)")
     args = parser.parse_args(argv)
     explain_to_files(args.run_dir, args.label, args.n, args.out)
+
+
+def _export(argv: list[str]) -> None:
+    from .inference.export import FORMATS, export_to_files
+
+    parser = argparse.ArgumentParser(
+        prog="rtl export", description="A finished run's best checkpoint as an ONNX or TorchScript file that takes "
+        "the preprocessed image tensor and gives per-label probabilities, checked against best.pt on the run's own "
+        f"test images, with {rf.MODEL_CARD} and <name>{rf.PREPROCESSING_SUFFIX} beside it.")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the folder of one finished rtl train run")
+    parser.add_argument("--format", default="onnx", metavar="|".join(FORMATS),
+                        help=f"{' or '.join(FORMATS)} (default onnx; onnx needs pip install 'rethink-tl[export]')")
+    parser.add_argument("--out", metavar="FILE", help="the model file (default RUN_DIR/export/<format>/model.onnx "
+                        "or model.pt); the card and the spec go into its folder")
+    parser.add_argument("--force", action="store_true", help="replace the model file, card or spec if they exist")
+    args = parser.parse_args(argv)
+    export_to_files(args.run_dir, args.format, args.out, force=args.force)
 
 
 # --- rtl weights ---------------------------------------------------------------------------------------
@@ -710,6 +727,8 @@ COMMANDS = {c.name: c for c in (
             _predict, "--out"),
     Command("explain", "rtl explain RUN_DIR [--label L] [--n N]   Grad-CAM maps of the best checkpoint on test "
             "images", _explain, "--out"),
+    Command("export", "rtl export RUN_DIR [--format onnx|torchscript] [--out FILE]   the best checkpoint as an ONNX "
+            "or TorchScript file, checked, with MODEL_CARD.md and its preprocessing spec", _export, "--out"),
     Command("bench", "rtl bench [OVERRIDES]        images/s of the bare model step, the rtl loop and a naive loop",
             _hydra_command("bench", _bench, _train_keys), _RUN_DIR),
     Command("pretrain", "rtl pretrain [OVERRIDES]     ImageNet-style pretraining on an ImageFolder tree, e.g. rtl "

@@ -14,6 +14,7 @@ of one kind is never reused by the other.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,8 @@ class RunDir:
         if self.force:
             for name in self.kind.files:
                 self.file(name).unlink(missing_ok=True)
+            # rtl export's files describe the checkpoint being replaced (a card with its numbers): they go too
+            shutil.rmtree(self.file(rf.EXPORT_DIR), ignore_errors=True)
         for stale_tmp in self.path.glob(".*.tmp"):  # left by a process killed in the middle of an atomic write
             stale_tmp.unlink()
         self.file(rf.ERROR).unlink(missing_ok=True)

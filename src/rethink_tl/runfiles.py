@@ -13,6 +13,8 @@ An ``rtl train`` run directory (``<data>/<model.tag>/<init>/f<fraction>/s<seed>-
 An ``rtl pretrain`` run directory holds identity.json, config.yaml, last.pt, pretrain.csv (one row per epoch),
 weights.pth and weights.json (which marks it finished); an installed-weights folder holds the last two.
 ``rtl evaluate`` writes ``<run>/external/<name>/`` with results.csv, predictions.csv.gz and external.json.
+``rtl export`` writes a model file (default ``<run>/export/<format>/model.onnx`` or ``model.pt``) with MODEL_CARD.md
+and ``<model file stem>.preprocessing.json`` beside it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ SWEEP_RECORDS = ".rtl_jobs"
 
 EXTERNAL_DIR = "external"
 EXTERNAL_MARK = "external.json"
+
+EXPORT_DIR = "export"
+EXPORT_STEM = "model"  # the model file's name without its suffix, in EXPORT_DIR/<format>/
+MODEL_CARD = "MODEL_CARD.md"
+PREPROCESSING_SUFFIX = ".preprocessing.json"
 
 # What each kind of run writes; the first file of STARTED_* says a run was started there.
 TRAIN_FILES = (RESULTS, METRICS, LAST, BEST, PREDICTIONS, IDENTITY, CONFIG, ERROR)
