@@ -292,3 +292,56 @@ def test_mlflow_store_in_a_missing_folder_is_one_line(capsys, tmp_path):
                                      f"runtime.mlflow_uri=sqlite:///{tmp_path / 'nope' / 'x.db'}",
                                      f"hydra.run.dir={tmp_path / 'run'}"])
     assert "does not exist" in err and "nope" in err
+
+
+def test_a_new_mlflow_store_leaves_logging_as_it_was(tmp_path):
+    """MLflow's migrations run logging.config.fileConfig (closing the root handlers, disabling every logger): the
+    tracker puts logging back, so rtl's lines still reach the console and cli.log."""
+    pytest.importorskip("mlflow")
+    import logging
+
+    from rethink_tl.tracking import tracker
+
+    handler = logging.StreamHandler()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        before = list(root.handlers)
+        logging.getLogger("rethink_tl.train")  # exists before the store is made
+        track = tracker(compose_cfg([*TINY, "runtime.logger=mlflow"]), tmp_path, "abcd1234")
+        assert (tmp_path / "mlflow.db").is_file() and track.experiment_id
+        assert root.handlers == before
+        assert not logging.getLogger("rethink_tl.train").disabled
+        assert not logging.getLogger("rethink_tl").disabled
+    finally:
+        root.removeHandler(handler)
+
+
+@pytest.mark.parametrize("uri, says", [
+    ("foo://x", "could not open the store at foo://x"),
+    ("sqlite://", "in-memory"),
+    ("sqlite:///:memory:", "in-memory"),
+    ("DAMAGED", "could not open the store"),
+])
+def test_an_mlflow_store_that_cannot_be_used_is_one_line(capsys, tmp_path, uri, says):
+    pytest.importorskip("mlflow")
+    if uri == "DAMAGED":
+        (tmp_path / "bad.db").write_text("this is not a database\n" * 100)
+        uri = f"sqlite:///{tmp_path / 'bad.db'}"
+    err = fails_in_one_line(capsys, ["train", *TINY, "runtime.logger=mlflow", f"runtime.mlflow_uri={uri}",
+                                     f"hydra.run.dir={tmp_path / 'run'}"])
+    assert says in err
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+@pytest.mark.parametrize("key", ["runtime.mlflow_uri=http://127.0.0.1:5999", "runtime.mlflow_experiment=team"])
+def test_mlflow_keys_without_the_mlflow_logger_are_one_line(capsys, tmp_path, key):
+    err = fails_in_one_line(capsys, ["train", *TINY, key, "runtime.logger=tensorboard",
+                                     f"hydra.run.dir={tmp_path / 'run'}"])
+    assert key.split("=")[0] in err and "runtime.logger=mlflow" in err
+
+
+def test_a_sweep_folder_a_sqlite_uri_cannot_hold_is_one_line(capsys, tmp_path):
+    pytest.importorskip("mlflow")
+    err = fails_in_one_line(capsys, ["train", *TINY, "runtime.logger=mlflow", f"hydra.run.dir={tmp_path / 'a?b'}"])
+    assert "'?'" in err and "runtime.mlflow_uri" in err

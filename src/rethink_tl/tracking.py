@@ -28,6 +28,8 @@ import json
 import logging
 import math
 import os
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import UserError
 from .identity import flatten
+
+log = logging.getLogger(__name__)
 
 LOGGERS = ("none", "tensorboard", "mlflow")
 FOLDER = "tensorboard"
@@ -138,9 +142,11 @@ def _sweep_root(run_dir: Path) -> tuple[Path, bool]:
 class MLflowTracker(Tracker):
     def __init__(self, cfg: DictConfig, run_dir: Path, setting: str):
         try:
-            from mlflow.entities import Metric, Param, RunTag
-            from mlflow.exceptions import MlflowException
-            from mlflow.tracking import MlflowClient
+            with warnings.catch_warnings():  # pydantic's deprecation notes about MLflow's own models
+                warnings.simplefilter("ignore", DeprecationWarning)
+                from mlflow.entities import Metric, Param, RunTag
+                from mlflow.exceptions import MlflowException
+                from mlflow.tracking import MlflowClient
         except ImportError:
             raise UserError("runtime.logger=mlflow needs the mlflow package: pip install 'rethink-tl[mlflow]' "
                             "(or runtime.logger=none)") from None
@@ -150,6 +156,12 @@ class MLflowTracker(Tracker):
         self.cfg, self.setting, self.run_dir = cfg, setting, run_dir.resolve()
         root, in_sweep = _sweep_root(run_dir)
         uri = OmegaConf.select(cfg, "runtime.mlflow_uri", default=None)
+        if not uri and any(c in str(root) for c in "?#"):
+            raise UserError(f"runtime.logger=mlflow: the folder {root} has a '?' or '#' in its path, which a sqlite "
+                            "URI cannot hold: set runtime.mlflow_uri=sqlite:////OTHER/PATH/mlflow.db (or a server)")
+        if uri and (str(uri).rstrip("/") == "sqlite:" or str(uri).endswith(":memory:")):
+            raise UserError(f"runtime.mlflow_uri={uri} is an in-memory store, gone when the run ends: name a file "
+                            "(sqlite:////PATH/mlflow.db) or a server, or leave it out for the sweep folder's mlflow.db")
         self.uri = str(uri) if uri else f"sqlite:///{root / MLFLOW_DB}"
         # The default store keeps artifacts (none are logged today) beside it, not in the current directory.
         self.artifacts = None if uri else (root / "mlartifacts").as_uri()
@@ -160,7 +172,7 @@ class MLflowTracker(Tracker):
         if self.uri.startswith("sqlite:///"):
             from filelock import FileLock
 
-            db = Path(self.uri[len("sqlite:///"):])
+            db = Path(self.uri[len("sqlite:///"):].split("?")[0])  # (a query holds options, not the path)
             if not db.parent.is_dir():
                 raise UserError(f"runtime.mlflow_uri={self.uri}: the folder {db.parent} does not exist: create it, "
                                 "or point runtime.mlflow_uri elsewhere")
@@ -168,19 +180,23 @@ class MLflowTracker(Tracker):
         # A server that does not answer fails the run in seconds, not after MLflow's minutes of retries.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-        self.client = MlflowClient(tracking_uri=self.uri)
         self.run_id: str | None = None
+        # MlflowClient opens the store at once: a new sqlite file gets its tables there (under the lock, or a sweep's
+        # jobs race to create them), a bad URI or a damaged file fails there.
+        self.client = self._call("open the store", MlflowClient, self.uri)
         self.experiment_id = self._call("open the experiment", self._experiment_id)
 
     def _call(self, what: str, fn, *args):
         """``fn(*args)`` under the store's lock; a store that fails is one UserError (the run is saved)."""
         try:
-            with self.lock if self.lock is not None else contextlib.nullcontext():
+            with self.lock if self.lock is not None else contextlib.nullcontext(), _logging_kept():
                 return fn(*args)
         except self.MlflowException as err:
             message = str(err).splitlines()[0] if str(err) else type(err).__name__
         except Exception as err:  # noqa: BLE001  (connection errors, sqlite errors: many kinds)
             message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        if len(message) > 200:  # urllib3's retry errors run to hundreds of characters
+            message = message[:200] + "..."
         raise UserError(f"runtime.logger=mlflow could not {what} at {self.uri} ({message}): the run's own files are "
                         "saved; fix the tracking store (runtime.mlflow_uri) and run the same command again, or use "
                         "runtime.logger=none")
@@ -213,12 +229,18 @@ class MLflowTracker(Tracker):
                     if run.info.status != "RUNNING":
                         self.client.update_run(stored, status="RUNNING")
                     return stored
+                where = (f"is in another experiment (id {run.info.experiment_id}) than {self.experiment!r}"
+                         if run.info.lifecycle_stage == "active" else "was deleted")
             except self.MlflowException:
-                pass  # not in this store (another runtime.mlflow_uri): a new tracked run, with every epoch again
+                where = "is not in this store"
+            # runtime.mlflow_experiment or runtime.mlflow_uri changed since the run started, or the tracked run was
+            # deleted: a new tracked run, with every epoch again; the old one stays where it is.
+            log.warning("%s: the tracked run %s that last.pt names %s (%s): starting a new tracked run with every "
+                        "epoch so far; the old one is left as it is", self.run_dir, stored, where, self.uri)
         tags = {"rtl.setting_id": self.setting, "rtl.run_dir": str(self.run_dir),
                 "rtl.seed": str(OmegaConf.select(self.cfg, "train.seed", default="")),
                 "rtl.model": str(OmegaConf.select(self.cfg, "model.name", default="")),
-                "rtl.init": str(OmegaConf.select(self.cfg, "init.name", default="")),
+                "rtl.init": _init_tag(self.cfg),
                 "rtl.data": str(OmegaConf.select(self.cfg, "data.name", default=""))}
         # One tracked run per folder: earlier ones there (a start killed before its first last.pt, a run that
         # runtime.force=true replaced) are deleted, so a search gives what the folder holds.
@@ -251,7 +273,8 @@ class MLflowTracker(Tracker):
             return self.run_dir.name
 
     def _metrics(self, row: dict, step: int) -> list:
-        return [self.Metric(key, float(value), 0, step) for key, value in row.items()
+        now = int(time.time() * 1000)
+        return [self.Metric(key, float(value), now, step) for key, value in row.items()
                 if key not in NOT_METRICS and _number(value)]
 
     def _catch_up(self, history: list[dict]) -> None:
@@ -274,7 +297,8 @@ class MLflowTracker(Tracker):
             step = int(row.get("epochs_run") or 0)
             test = {k: v for k, v in row.items() if k.startswith("test_") and _number(v)}
             have = {k for k in test if self.client.get_metric_history(self.run_id, k)}
-            metrics = [self.Metric(k, float(v), 0, step) for k, v in test.items() if k not in have]
+            now = int(time.time() * 1000)
+            metrics = [self.Metric(k, float(v), now, step) for k, v in test.items() if k not in have]
             tags = [self.RunTag("rtl.state", "finished")]
             for i in range(0, max(len(metrics), 1), 1000):
                 self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000], tags=tags)
@@ -286,12 +310,58 @@ class MLflowTracker(Tracker):
         self._call("mark the run paused", lambda: self.client.set_tag(self.run_id, "rtl.state", "paused"))
 
 
+def _init_tag(cfg: DictConfig) -> str:
+    from .config import init_tag
+
+    return init_tag(OmegaConf.select(cfg, "init.name", default=""), OmegaConf.select(cfg, "init.source", default=None))
+
+
+@contextlib.contextmanager
+def _logging_kept():
+    """The process's logging as it was after ``with``: MLflow's database migrations (alembic) run
+    ``logging.config.fileConfig``, which closes the root handlers (the console, the run's cli.log), installs its
+    own and disables every existing logger: rtl would log nothing more. It is skipped while the store is opened,
+    and whatever else changed the root logger is undone."""
+    import logging.config
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    known = {name: lg.disabled for name, lg in logging.Logger.manager.loggerDict.items()
+             if isinstance(lg, logging.Logger)}
+    file_config = logging.config.fileConfig
+    logging.config.fileConfig = lambda *args, **kwargs: None  # alembic's env.py: its INFO lines, its handlers
+    was_disabled = logging.root.manager.disable
+    logging.disable(max(was_disabled, logging.INFO))  # each migration script's "Migration complete!"
+    try:
+        yield
+    finally:
+        logging.config.fileConfig = file_config
+        logging.disable(was_disabled)
+        for h in list(root.handlers):
+            if h not in handlers:
+                root.removeHandler(h)
+                h.close()
+        for h in handlers:
+            if h not in root.handlers:
+                root.addHandler(h)  # a closed FileHandler opens its file again at the next record (mode "a")
+        root.setLevel(level)
+        for name, lg in logging.Logger.manager.loggerDict.items():
+            if isinstance(lg, logging.Logger):
+                lg.disabled = known.get(name, False)
+        for name in ("alembic", "mlflow"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def tracker(cfg: DictConfig, run_dir: Path, setting: str) -> Tracker:
     """The tracker ``runtime.logger`` asks for (UserError for a missing package or a store that cannot be
     reached, before anything is trained)."""
     name = str(OmegaConf.select(cfg, "runtime.logger", default="none"))
     if name not in LOGGERS:
         raise UserError(f"runtime.logger={name}: choose one of {', '.join(LOGGERS)}")
+    mlflow_keys = [k for k in ("mlflow_uri", "mlflow_experiment") if OmegaConf.select(cfg, f"runtime.{k}", default=None)]
+    if mlflow_keys and name != "mlflow":
+        raise UserError(f"runtime.{mlflow_keys[0]} is set but runtime.logger={name}: nothing would be sent to MLflow; "
+                        f"add runtime.logger=mlflow, or drop runtime.{mlflow_keys[0]}")
     if name == "tensorboard":
         return TensorBoard(cfg, run_dir, setting)
     return MLflowTracker(cfg, run_dir, setting) if name == "mlflow" else Tracker()
