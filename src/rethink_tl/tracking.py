@@ -151,10 +151,9 @@ class MLflowTracker(Tracker):
             raise UserError("runtime.logger=mlflow needs the mlflow package: pip install 'rethink-tl[mlflow]' "
                             "(or runtime.logger=none)") from None
         self.Metric, self.Param, self.RunTag, self.MlflowException = Metric, Param, RunTag, MlflowException
-        for name in ("mlflow", "alembic"):  # "Creating initial MLflow database tables..." and the migrations
-            logging.getLogger(name).setLevel(logging.WARNING)
         self.cfg, self.setting, self.run_dir = cfg, setting, run_dir.resolve()
-        root, in_sweep = _sweep_root(run_dir)
+        root, self.in_sweep = _sweep_root(run_dir)
+        self.root = root
         uri = OmegaConf.select(cfg, "runtime.mlflow_uri", default=None)
         if not uri and any(c in str(root) for c in "?#"):
             raise UserError(f"runtime.logger=mlflow: the folder {root} has a '?' or '#' in its path, which a sqlite "
@@ -266,9 +265,8 @@ class MLflowTracker(Tracker):
                 return found
 
     def _run_name(self) -> str:
-        root, in_sweep = _sweep_root(self.run_dir)
         try:
-            return str(self.run_dir.relative_to(root)) if in_sweep else self.run_dir.name
+            return str(self.run_dir.relative_to(self.root)) if self.in_sweep else self.run_dir.name
         except ValueError:
             return self.run_dir.name
 

@@ -121,9 +121,6 @@ def targets(run_path: Path, fmt: str, out: Optional[str], force: bool) -> Target
             raise UserError(f"--out {out}: a TorchScript file's name ends in {' or '.join(TORCHSCRIPT_SUFFIXES)} (e.g. "
                             f"--out {model.with_suffix('.pt')})")
     found = Targets(model, model.parent / rf.MODEL_CARD, model.with_name(model.stem + rf.PREPROCESSING_SUFFIX))
-    if len({p.name for p in found.all()}) < 3:
-        raise UserError(f"--out {out}: the model would have the name of its card ({rf.MODEL_CARD}) or spec "
-                        f"({found.spec.name}): choose another name")
     if found.model.parent.resolve() == run_path.resolve():  # --force would replace best.pt, results.csv, ...
         raise UserError(f"--out {out}: the export goes beside the run's own files, not among them: choose another "
                         f"folder (the default is {run_path / rf.EXPORT_DIR / fmt})")
