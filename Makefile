@@ -45,12 +45,14 @@ demo: $(STAMP)
 	$(RTL) train -m model=trunc model.cut=2,3 init=random,pretrained $(DEMO_ARGS)
 	$(RTL) report $(DEMO_DIR)
 
+# One intra-op thread per process: 2 workers (and the rtl commands they start) on 2 cores, each with a thread per
+# core, would slow each other down; the tests that measure threads set their own.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 # Everything but the tests marked slow (learning, subprocess, DDP, services): the edit-test loop.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
 advise: $(STAMP)
 	$(RTL) advise advise.backbone=tf_efficientnet_lite0 'advise.cuts=[1,2,3,4,whole]' $(ADVISE_ARGS)

@@ -97,6 +97,32 @@ def train_tiny(out_dir, *extra):
     return run(compose_cfg(TINY + list(extra)), out_dir)
 
 
+@pytest.fixture
+def rtl_here(monkeypatch, capsys):
+    """``rtl ARGS`` run in this process, from ``cwd`` with ``env`` added: a CompletedProcess-like result. It
+    saves an interpreter start-up (torch, timm: several seconds on a 2-core CPU) per call; a test that needs the
+    console script itself (exit status, a traceback on stderr, signals) runs it as a subprocess instead."""
+    import subprocess
+
+    from rethink_tl.cli import main
+
+    def call(*args, cwd=None, env=None):
+        with monkeypatch.context() as m:
+            if cwd is not None:
+                m.chdir(cwd)
+            for key, value in (env or {}).items():
+                m.setenv(key, str(value))
+            code = 0
+            try:
+                main([str(a) for a in args])
+            except SystemExit as exit_:
+                code = exit_.code or 0
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    return call
+
+
 def fails_in_one_line(capsys, argv) -> str:
     """Run ``rtl ARGV`` in-process; it must exit 2 with exactly one ``rtl: error:`` line on stderr (returned)."""
     from rethink_tl.cli import main
@@ -107,3 +133,15 @@ def fails_in_one_line(capsys, argv) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("rtl: error: "), err
     return err[0]
+
+
+# The files that take longest on a 2-core CPU (pytest --durations, December 2026), longest first. `make test` runs
+# the suite on 2 workers a file at a time (--dist loadfile), handing the next file to whichever worker is free:
+# starting the long files first keeps one of them from being the last file left while the other worker idles.
+LONGEST_FIRST = ("test_sweep.py", "test_advise.py", "test_pretrain.py", "test_resume.py", "test_sweeps.py",
+                 "test_trust.py", "test_slurm.py", "test_tracking.py", "test_data_synthetic.py", "test_train.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order

@@ -47,8 +47,8 @@ def test_bench_reports_the_three_loops(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_refuses_a_size_too_small(tmp_path):
-    proc = rtl("bench", "model=cbr_small", "data.image_size=64", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+def test_bench_refuses_a_size_too_small(tmp_path, rtl_here):
+    proc = rtl_here("bench", "model=cbr_small", "data.image_size=64", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
     assert proc.returncode == 2 and "at least 121 px" in proc.stderr and "Traceback" not in proc.stderr
 
 

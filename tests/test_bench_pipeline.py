@@ -55,10 +55,11 @@ def test_bench_pretrain_writes_one_row_of_positive_rates(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_pretrain_on_a_folder_without_train_is_a_user_error(tmp_path):
+def test_bench_pretrain_on_a_folder_without_train_is_a_user_error(tmp_path, rtl_here):
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = rtl(*SMALL, f"data.root={empty}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    proc = rtl_here("bench-pretrain", *SMALL, f"data.root={empty}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+                    env={"RTL_WEIGHTS": tmp_path / "weights"})
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("rtl: error:"), proc.stderr

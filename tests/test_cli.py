@@ -77,8 +77,8 @@ def test_unknown_dataset(tmp_path):
 
 
 @pytest.mark.slow
-def test_image_too_small_for_the_model(tmp_path):
-    proc = rtl("train", *TINY_DATA, "model=cbr_large_t", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+def test_image_too_small_for_the_model(tmp_path, rtl_here):
+    proc = rtl_here("train", *TINY_DATA, "model=cbr_large_t", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
     assert_user_error(proc, "cbr_large_t", "217")
 
 
@@ -92,12 +92,12 @@ def test_missing_weights_offline(tmp_path):
 
 
 @pytest.mark.slow
-def test_weights_of_the_wrong_shape(tmp_path):
+def test_weights_of_the_wrong_shape(tmp_path, rtl_here):
     import torchvision
 
     bad = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), bad)
-    proc = rtl("train", *TINY_DATA, "model=res_t1", "init=pretrained", f"init.weights={bad}",
+    proc = rtl_here("train", *TINY_DATA, "model=res_t1", "init=pretrained", f"init.weights={bad}",
                f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
     assert_user_error(proc, "resnet18.pth")
 

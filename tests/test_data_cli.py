@@ -1,5 +1,6 @@
-"""Bad data through the installed ``rtl`` command: one clear message, exit code 2, no traceback,
-and nothing trained. Also one real run on a CSV data set with bad images skipped."""
+"""Bad data through ``rtl train``: one clear message, exit code 2, no traceback, and nothing trained. The refusals
+run the command in this process (``rtl_here``: no interpreter start-up each); one real run on a CSV data set with
+bad images skipped goes through the installed ``rtl`` command."""
 
 from __future__ import annotations
 
@@ -18,10 +19,19 @@ TINY = ["model=trunc", "model.cut=1", "data.image_size=32", "train.epochs=1", "t
         "runtime.progress=false", "init=random", "runtime.device=cpu"]
 
 
-def rtl(tmp_path, *overrides):
+def rtl_command(tmp_path, *overrides):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([RTL, "train", *TINY, f"hydra.run.dir={tmp_path / 'run'}", *overrides], cwd=tmp_path,
                           capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture
+def rtl(rtl_here):
+    """``rtl train`` of a tiny run in ``tmp_path/run``, in this process."""
+    def call(tmp_path, *overrides):
+        return rtl_here("train", *TINY, f"hydra.run.dir={tmp_path / 'run'}", *overrides, cwd=tmp_path)
+
+    return call
 
 
 def assert_user_error(proc, *fragments):
@@ -57,7 +67,7 @@ def with_bad_images(table, tmp_path):
 
 
 @pytest.mark.slow
-def test_missing_and_unreadable_images_are_listed_together(csv, tmp_path):
+def test_missing_and_unreadable_images_are_listed_together(csv, tmp_path, rtl):
     path = variant(csv, tmp_path, lambda t: with_bad_images(t, tmp_path))
     proc = rtl(tmp_path, "data=csv", f"data.csv={path}")
     assert_user_error(proc, "3 of 40 images cannot be used", "gone_a.png (missing)", "gone_b.jpg (missing)",
@@ -68,7 +78,7 @@ def test_missing_and_unreadable_images_are_listed_together(csv, tmp_path):
 @pytest.mark.slow
 def test_skipping_bad_images_warns_and_trains(csv, tmp_path):
     path = variant(csv, tmp_path, lambda t: with_bad_images(t, tmp_path))
-    proc = rtl(tmp_path, "data=csv", f"data.csv={path}", "data.on_bad_image=skip", "data.name=hospital")
+    proc = rtl_command(tmp_path, "data=csv", f"data.csv={path}", "data.on_bad_image=skip", "data.name=hospital")
     assert proc.returncode == 0, proc.stderr
     assert "skipping 3 of 40 images that cannot be used (data.on_bad_image=skip)" in proc.stdout + proc.stderr
     row = pd.read_csv(tmp_path / "run" / "results.csv").iloc[0]
@@ -76,7 +86,7 @@ def test_skipping_bad_images_warns_and_trains(csv, tmp_path):
 
 
 @pytest.mark.slow
-def test_csv_without_the_needed_columns(csv, tmp_path):
+def test_csv_without_the_needed_columns(csv, tmp_path, rtl):
     proc = rtl(tmp_path, "data=csv", f"data.csv={csv}", "data.labels=[covid,fever]")
     assert_user_error(proc, "has no column 'fever'", "its columns: path, patient_id, date")
     path = variant(csv, tmp_path, lambda t: t.rename(columns={"path": "file"}, inplace=True))
@@ -84,7 +94,7 @@ def test_csv_without_the_needed_columns(csv, tmp_path):
 
 
 @pytest.mark.slow
-def test_label_values_outside_the_allowed_set_name_the_row(csv, tmp_path):
+def test_label_values_outside_the_allowed_set_name_the_row(csv, tmp_path, rtl):
     path = variant(csv, tmp_path, lambda t: t.__setitem__("covid", ["2" if i == 3 else v
                                                                      for i, v in enumerate(t["covid"])]))
     proc = rtl(tmp_path, "data=csv", f"data.csv={path}", "data.labels=[covid,opacity]")
@@ -92,13 +102,13 @@ def test_label_values_outside_the_allowed_set_name_the_row(csv, tmp_path):
 
 
 @pytest.mark.slow
-def test_empty_split_says_which(csv, tmp_path):
+def test_empty_split_says_which(csv, tmp_path, rtl):
     proc = rtl(tmp_path, "data=csv", f"data.csv={csv}", "data.cutoff_date=2030-01-01")
     assert_user_error(proc, "the test split is empty", "data.cutoff_date=2030-01-01")
 
 
 @pytest.mark.slow
-def test_fraction_without_positives(csv, tmp_path):
+def test_fraction_without_positives(csv, tmp_path, rtl):
     path = variant(csv, tmp_path, lambda t: t.__setitem__("rare", [1 if i == 0 else 0 for i in range(len(t))]))
     proc = rtl(tmp_path, "data=csv", f"data.csv={path}", "data.labels=[covid,rare]", "data.fraction=0.1",
                "data.split_seed=3")
@@ -106,7 +116,7 @@ def test_fraction_without_positives(csv, tmp_path):
 
 
 @pytest.mark.slow
-def test_chexpert_missing_images(tmp_path):
+def test_chexpert_missing_images(tmp_path, rtl):
     root = make_chexpert(tmp_path / "cx", n_patients=10, n_valid=2)
     for p in sorted(root.glob("train/patient0000[1-3]/study1/view1_frontal.jpg")):
         p.unlink()

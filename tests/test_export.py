@@ -87,7 +87,8 @@ def _copy(run_dir: Path, tmp_path: Path) -> Path:
 
 
 def _row(run_dir: Path) -> dict:
-    return pd.read_csv(run_dir / "results.csv").iloc[0].to_dict()
+    # setting_id is text: an id of digits only ("00273019") must not be read as a number.
+    return pd.read_csv(run_dir / "results.csv", dtype={"setting_id": str}).iloc[0].to_dict()
 
 
 def _test_predictions(run_dir: Path) -> pd.DataFrame:

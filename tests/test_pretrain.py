@@ -40,19 +40,10 @@ def rtl(*args, cwd, weights, timeout=600):
 
 
 @pytest.fixture
-def wcli(monkeypatch, capsys):
-    """``rtl weights ...`` in this process (no interpreter start-up): a CompletedProcess-like result."""
-    from rethink_tl.cli import main
-
+def wcli(rtl_here):
+    """``rtl weights ...`` in this process with ``RTL_WEIGHTS=weights``: a CompletedProcess-like result."""
     def call(weights, *args):
-        monkeypatch.setenv("RTL_WEIGHTS", str(weights))
-        code = 0
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exit_:
-            code = exit_.code or 0
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
+        return rtl_here(*args, env={"RTL_WEIGHTS": weights})
 
     return call
 
@@ -372,7 +363,7 @@ def _copy(folder, dest):
 @pytest.mark.parametrize("case", ["no_root", "missing", "no_train", "no_val", "classes_differ", "broken_image",
                                   "too_small", "val_resize", "warmup", "batch_type", "unknown_key", "too_few"])
 @pytest.mark.slow
-def test_bad_input_is_one_line_and_exit_2(case, folder, tmp_path):
+def test_bad_input_is_one_line_and_exit_2(case, folder, tmp_path, rtl_here):
     root = tmp_path / "data"
     extra: list[str] = []
     expect: tuple[str, ...]
@@ -410,7 +401,7 @@ def test_bad_input_is_one_line_and_exit_2(case, folder, tmp_path):
     if case not in ("no_train", "no_val", "classes_differ", "broken_image", "missing", "no_root"):
         root = folder
     args = [*SMALL, *extra, f"hydra.run.dir={tmp_path / 'run'}"] + ([f"data.root={root}"] if root else [])
-    proc = rtl("pretrain", *args, cwd=tmp_path, weights=tmp_path / "w")
+    proc = rtl_here("pretrain", *args, cwd=tmp_path, env={"RTL_WEIGHTS": tmp_path / "w"})
     one_line_error(proc, *expect)
     assert not (tmp_path / "run" / "weights.pth").exists()
     assert not (tmp_path / "w").exists()

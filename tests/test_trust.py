@@ -72,11 +72,11 @@ def copy_of(finished, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_with_changed_settings_is_refused_and_nothing_is_recorded(finished, tmp_path):
+def test_resume_with_changed_settings_is_refused_and_nothing_is_recorded(finished, tmp_path, rtl_here):
     run = copy_of(finished, tmp_path)
     (run / "results.csv").unlink()  # as if killed after epoch 2: last.pt is there to resume from
     before = snapshot(run)
-    proc = rtl("train", *TINY, "train.epochs=2", "train.lr=1e-2", "train.batch_size=4", f"hydra.run.dir={run}",
+    proc = rtl_here("train", *TINY, "train.epochs=2", "train.lr=1e-2", "train.batch_size=4", f"hydra.run.dir={run}",
                cwd=tmp_path)
     line = error_line(proc)
     assert "holds a run with other settings" in line and "runtime.force=true" in line
@@ -111,8 +111,8 @@ def test_force_with_a_typo_or_missing_data_leaves_the_finished_run_intact(finish
     ("runtime.threads=100000", "runtime.threads"), ("model.cut=null", "model.cut"), ("+foo=1", "foo"),
 ])
 @pytest.mark.slow
-def test_bad_values_are_one_line_naming_the_key(tmp_path, override, key):
-    proc = rtl("train", *ONE, override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+def test_bad_values_are_one_line_naming_the_key(tmp_path, override, key, rtl_here):
+    proc = rtl_here("train", *ONE, override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert key in error_line(proc)
     assert not (tmp_path / "run" / "last.pt").exists()
 
@@ -149,27 +149,27 @@ def test_mixed_precision_is_part_of_a_runs_identity(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["empty", "garbage"])
-def test_a_damaged_results_file_of_a_finished_run_is_named(finished, tmp_path, damage):
+def test_a_damaged_results_file_of_a_finished_run_is_named(finished, tmp_path, damage, rtl_here):
     run = copy_of(finished, tmp_path)
     (run / "results.csv").write_bytes(b"" if damage == "empty" else b"\x00\xff garbage")
-    line = error_line(rtl("train", *TINY, "train.epochs=2", f"hydra.run.dir={run}", cwd=tmp_path))
+    line = error_line(rtl_here("train", *TINY, "train.epochs=2", f"hydra.run.dir={run}", cwd=tmp_path))
     assert "results.csv" in line and "runtime.force=true" in line
 
 
 @pytest.mark.slow
-def test_a_damaged_last_checkpoint_is_named_with_the_fix(finished, tmp_path):
+def test_a_damaged_last_checkpoint_is_named_with_the_fix(finished, tmp_path, rtl_here):
     run = copy_of(finished, tmp_path)
     (run / "results.csv").unlink()
     data = (run / "last.pt").read_bytes()
     (run / "last.pt").write_bytes(data[: len(data) // 3])
-    line = error_line(rtl("train", *TINY, "train.epochs=2", f"hydra.run.dir={run}", cwd=tmp_path))
+    line = error_line(rtl_here("train", *TINY, "train.epochs=2", f"hydra.run.dir={run}", cwd=tmp_path))
     assert f"{run / 'last.pt'} is damaged or incomplete" in line and "delete it to start this run over" in line
 
 
 @pytest.mark.slow
-def test_a_label_without_training_positives_stops_before_epoch_1(tmp_path):
+def test_a_label_without_training_positives_stops_before_epoch_1(tmp_path, rtl_here):
     run = tmp_path / "run"
-    proc = rtl("train", *ONE, "data.prevalence=0.0001", "data.test_prevalence=0.3", f"hydra.run.dir={run}",
+    proc = rtl_here("train", *ONE, "data.prevalence=0.0001", "data.test_prevalence=0.3", f"hydra.run.dir={run}",
                cwd=tmp_path)
     line = error_line(proc)
     assert "has 0 positive(s)" in line and "train split" in line
