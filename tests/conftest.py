@@ -97,14 +97,25 @@ def train_tiny(out_dir, *extra):
     return run(compose_cfg(TINY + list(extra)), out_dir)
 
 
+def _main_here(capsys, args) -> tuple[int, str, str]:
+    """``rtl ARGS`` through ``cli.main`` in this process: (exit status, stdout, stderr)."""
+    from rethink_tl.cli import main
+
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 @pytest.fixture
 def rtl_here(monkeypatch, capsys):
     """``rtl ARGS`` run in this process, from ``cwd`` with ``env`` added: a CompletedProcess-like result. It
-    saves an interpreter start-up (torch, timm: several seconds on a 2-core CPU) per call; a test that needs the
-    console script itself (exit status, a traceback on stderr, signals) runs it as a subprocess instead."""
+    saves an interpreter start-up (torch, timm: several seconds on a 2-core CPU) per call; a test of the console
+    script itself (its start-up, what reaches the terminal, signals) runs it as a subprocess instead."""
     import subprocess
-
-    from rethink_tl.cli import main
 
     def call(*args, cwd=None, env=None):
         with monkeypatch.context() as m:
@@ -112,27 +123,18 @@ def rtl_here(monkeypatch, capsys):
                 m.chdir(cwd)
             for key, value in (env or {}).items():
                 m.setenv(key, str(value))
-            code = 0
-            try:
-                main([str(a) for a in args])
-            except SystemExit as exit_:
-                code = exit_.code or 0
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
+            return subprocess.CompletedProcess(args, *_main_here(capsys, args))
 
     return call
 
 
 def fails_in_one_line(capsys, argv) -> str:
     """Run ``rtl ARGV`` in-process; it must exit 2 with exactly one ``rtl: error:`` line on stderr (returned)."""
-    from rethink_tl.cli import main
-
-    with pytest.raises(SystemExit) as exc:
-        main(list(map(str, argv)))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("rtl: error: "), err
-    return err[0]
+    code, _, err = _main_here(capsys, argv)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rtl: error: "), lines
+    return lines[0]
 
 
 # The files that take longest on a 2-core CPU (pytest --durations, December 2026), longest first. `make test` runs

@@ -98,7 +98,7 @@ def test_weights_of_the_wrong_shape(tmp_path, rtl_here):
     bad = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), bad)
     proc = rtl_here("train", *TINY_DATA, "model=res_t1", "init=pretrained", f"init.weights={bad}",
-               f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+                    f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
     assert_user_error(proc, "resnet18.pth")
 
 

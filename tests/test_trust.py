@@ -77,7 +77,7 @@ def test_resume_with_changed_settings_is_refused_and_nothing_is_recorded(finishe
     (run / "results.csv").unlink()  # as if killed after epoch 2: last.pt is there to resume from
     before = snapshot(run)
     proc = rtl_here("train", *TINY, "train.epochs=2", "train.lr=1e-2", "train.batch_size=4", f"hydra.run.dir={run}",
-               cwd=tmp_path)
+                    cwd=tmp_path)
     line = error_line(proc)
     assert "holds a run with other settings" in line and "runtime.force=true" in line
     assert "train.batch_size: 16 -> 4" in line and "train.lr: 0.001 -> 0.01" in line
@@ -170,7 +170,7 @@ def test_a_damaged_last_checkpoint_is_named_with_the_fix(finished, tmp_path, rtl
 def test_a_label_without_training_positives_stops_before_epoch_1(tmp_path, rtl_here):
     run = tmp_path / "run"
     proc = rtl_here("train", *ONE, "data.prevalence=0.0001", "data.test_prevalence=0.3", f"hydra.run.dir={run}",
-               cwd=tmp_path)
+                    cwd=tmp_path)
     line = error_line(proc)
     assert "has 0 positive(s)" in line and "train split" in line
     assert not (run / "metrics.csv").exists() and not (run / "last.pt").exists()
